@@ -1,0 +1,1 @@
+"""fl_app: federated learning with Flower, PyTorch and Hydra."""

@@ -1,0 +1,65 @@
+"""`fl-app`: Hydra's command line for simulations and multirun sweeps.
+
+Each Hydra job becomes one `flwr run` of this project with the job's overrides, so a run
+started here composes exactly the config that `flwr run . --run-config ...` would, and
+writes its outputs into the job's Hydra folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fl_app.config import CONF_DIR, ConfigError, check
+from fl_app.runner import PROJECT_ROOT, flwr_env, flwr_run, toml_run_config
+
+DEFAULT_SUPERNODES = 10
+
+
+class RunFailed(RuntimeError):
+    """The SuperLink reports that a run did not complete."""
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def simulate(cfg: DictConfig) -> float:
+    """Run one simulation of the composed config; return its final test accuracy."""
+    try:
+        return _simulate(cfg)
+    except (ConfigError, RunFailed) as err:
+        # One clear line, not Hydra's report of a traceback.
+        print(f"fl-app: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def _simulate(cfg: DictConfig) -> float:
+    check(cfg)
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir).resolve()
+    overrides = [o for o in hc.overrides.task if not o.startswith("output_dir=")]
+    overrides.append(f"output_dir={out}")
+    if not (PROJECT_ROOT / "pyproject.toml").exists():
+        raise RunFailed(f"fl-app needs the project folder (with pyproject.toml) at {PROJECT_ROOT}: "
+                        "install it with `pip install -e .` from a clone.")
+    run_config = toml_run_config({"overrides": " ".join(overrides)}, out / "run_config.toml")
+    result = flwr_run(run_config, cfg.num_clients or DEFAULT_SUPERNODES, flwr_env())
+    summary_file = out / "summary.json"
+    if not result.ok or not summary_file.exists():
+        raise RunFailed(f"Flower run {result.run_id} ended as '{result.status}'; its log is above "
+                        f"and in {out}.")
+    summary = json.loads(summary_file.read_text())
+    print(f"fl-app: run {result.run_id} completed: test accuracy {summary['test_accuracy']:.4f} "
+          f"after {summary['rounds']} rounds; outputs in {out}", flush=True)
+    return summary["test_accuracy"]
+
+
+def main() -> None:
+    simulate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The ClientApp: a NumPyClient that wraps local PyTorch training, and the Message bridge to it."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client import NumPyClient
+from flwr.clientapp import ClientApp
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from fl_app import training
+from fl_app.config import compose, overrides_from_run_config
+from fl_app.data import ClientData, client_data
+from fl_app.models import get_weights, set_weights
+
+
+class TorchClient(NumPyClient):
+    """Trains a torch model on one client's data; numpy in, numpy out.
+
+    `fit` runs E local epochs and returns the new weights, or, when the server's config says
+    mode="gradient" (FedSGD), returns the gradient of the local loss at the received weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, data: ClientData, local_epochs: int,
+                 batch_size: int | None, lr: float, seed: int) -> None:
+        self.model, self.data = model, data
+        self.local_epochs, self.batch_size, self.lr, self.seed = local_epochs, batch_size, lr, seed
+        self.keys = list(model.state_dict())
+
+    def get_parameters(self, config: dict) -> list[np.ndarray]:
+        return list(get_weights(self.model).values())
+
+    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        self._load(parameters)
+        # A different but reproducible batch order every round.
+        seed = self.seed * 1_000_003 + int(config.get("server-round", 0))
+        x, y = self.data.x_train, self.data.y_train
+        if config.get("mode", "weights") == "gradient":
+            grads, loss, n = training.gradient(self.model, x, y, self.batch_size, seed)
+            return [grads[k].numpy() for k in self.keys], n, {"train_loss": loss}
+        loss = training.train(self.model, x, y, self.local_epochs, self.batch_size, self.lr, seed)
+        return self.get_parameters({}), len(y), {"train_loss": loss}
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        self._load(parameters)
+        loss, acc = training.evaluate(self.model, self.data.x_val, self.data.y_val)
+        return loss, len(self.data.y_val), {"accuracy": acc}
+
+    def _load(self, parameters: list[np.ndarray]) -> None:
+        if len(parameters) != len(self.keys):
+            raise ValueError(f"Received {len(parameters)} arrays, the model has {len(self.keys)}.")
+        set_weights(self.model, dict(zip(self.keys, parameters, strict=True)))
+
+
+def build_client(cfg: DictConfig, partition_id: int, num_partitions: int) -> TorchClient:
+    """The TorchClient for one partition of the composed config."""
+    if cfg.num_clients is not None and cfg.num_clients != num_partitions:
+        raise ValueError(
+            f"This federation has {num_partitions} partitions (SuperNodes) but the config says "
+            f"num_clients={cfg.num_clients}. Start the run with --federation-config "
+            f"'num-supernodes={cfg.num_clients}' (or num-partitions={cfg.num_clients} on every "
+            f"SuperNode), or override num_clients={num_partitions} (null = follow the federation)."
+        )
+    torch.manual_seed(cfg.seed)
+    model = instantiate(cfg.model)
+    data = client_data(cfg, partition_id, num_partitions)
+    return TorchClient(model, data, cfg.local_epochs, cfg.batch_size, cfg.lr,
+                       seed=cfg.seed * 7919 + partition_id)
+
+
+@lru_cache(maxsize=8)
+def _cached_client(run_config: tuple, partition_id: int, num_partitions: int) -> TorchClient:
+    training.setup_torch(int(os.environ.get("FL_APP_TORCH_THREADS", "0")) or None)
+    cfg = compose(overrides_from_run_config(dict(run_config)))
+    return build_client(cfg, partition_id, num_partitions)
+
+
+def _client(context: Context) -> TorchClient:
+    # A simulated ClientApp process serves many partitions: one cached client each.
+    node = context.node_config
+    return _cached_client(tuple(sorted(context.run_config.items())),
+                          int(node["partition-id"]), int(node["num-partitions"]))
+
+
+def _named(keys: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in zip(keys, arrays, strict=True)})
+
+
+def _ndarrays(client: TorchClient, record: ArrayRecord) -> list[np.ndarray]:
+    if set(record) != set(client.keys):
+        raise ValueError(f"Server sent arrays {sorted(record)}, the model has {client.keys}: "
+                         "server and clients must use the same model config.")
+    return [record[k].numpy() for k in client.keys]
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    client = _client(context)
+    params = _ndarrays(client, msg.content["arrays"])
+    arrays, num_examples, metrics = client.fit(params, dict(msg.content["config"]))
+    content = RecordDict({"arrays": _named(client.keys, arrays),
+                          "metrics": MetricRecord({**metrics, "num-examples": num_examples})})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    client = _client(context)
+    params = _ndarrays(client, msg.content["arrays"])
+    loss, num_examples, metrics = client.evaluate(params, dict(msg.content["config"]))
+    content = RecordDict({"metrics": MetricRecord({**metrics, "loss": loss,
+                                                   "num-examples": num_examples})})
+    return Message(content=content, reply_to=msg)

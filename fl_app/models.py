@@ -1,0 +1,84 @@
+"""Models of McMahan et al. 2017 and the conversions between torch state_dicts and ndarrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import prod
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """The "2NN": input -> 200 -> 200 -> classes, ReLU (199,210 parameters on MNIST)."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: int = 200) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(prod(input_shape), hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    """Two 5x5 conv layers (32, 64) with 2x2 max pooling, a 512-unit dense layer, softmax.
+
+    'Same' padding keeps 28x28 -> 14x14 -> 7x7, which gives the paper's 1,663,370 parameters.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        channels, height, width = input_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * (height // 4) * (width // 4), 512),
+            nn.ReLU(),
+            nn.Linear(512, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    """The state_dict as named ndarrays (copies: the model may keep training)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def set_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Load named ndarrays; wrong names or shapes raise ValueError naming the first mismatch."""
+    state = model.state_dict()
+    if set(weights) != set(state):
+        missing, extra = sorted(set(state) - set(weights)), sorted(set(weights) - set(state))
+        raise ValueError(
+            f"Model arrays do not match {type(model).__name__}: missing {missing}, "
+            f"unexpected {extra}. Server and clients must use the same model config."
+        )
+    for name, value in weights.items():
+        if tuple(value.shape) != tuple(state[name].shape):
+            raise ValueError(
+                f"Array '{name}' has shape {tuple(value.shape)}, but {type(model).__name__} "
+                f"expects {tuple(state[name].shape)}. Server and clients must use the same "
+                "model and dataset config."
+            )
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})

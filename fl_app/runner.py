@@ -1,0 +1,89 @@
+"""Drive `flwr run` and read back the run's real status.
+
+`flwr run --stream` exits 0 even when the run failed, so success is read from the SuperLink
+(`flwr ls`), never from the exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunResult:
+    run_id: int | None
+    status: str          # e.g. "finished:completed", "finished:failed"
+    log: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def flwr_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for flwr commands: offline, no telemetry, no runtime `uv` installs."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    })
+    # The flwr executables live beside this interpreter even when the venv is not activated.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra or {})
+    return env
+
+
+def toml_run_config(values: dict[str, str], path: Path) -> Path:
+    """Write a run config as a TOML file (sidesteps shell and TOML quoting of overrides)."""
+    path.write_text("".join(f"{k} = {json.dumps(str(v))}\n" for k, v in values.items()))
+    return path
+
+
+def flwr_run(run_config_file: Path, num_supernodes: int, env: dict[str, str],
+             project: Path = PROJECT_ROOT, superlink: str | None = None, echo: bool = True,
+             timeout: float | None = None) -> RunResult:
+    """`flwr run --stream` the project, then ask the SuperLink how the run ended."""
+    cmd = ["flwr", "run", str(project)] + ([superlink] if superlink else [])
+    cmd += ["--run-config", str(run_config_file), "--stream"]
+    if num_supernodes:
+        cmd += ["--federation-config", f"num-supernodes={num_supernodes}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=project)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(lines)
+    match = re.search(r"run\s+(\d+)", log)
+    run_id = int(match.group(1)) if match else None
+    return RunResult(run_id, run_status(run_id, env, superlink) if run_id else "not-started", log)
+
+
+def run_status(run_id: int, env: dict[str, str], superlink: str | None = None) -> str:
+    """The SuperLink's status of a run, e.g. 'finished:completed'."""
+    cmd = ["flwr", "ls", *([superlink] if superlink else []), "--run-id", str(run_id),
+           "--format", "json"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60).stdout
+    try:
+        runs = json.loads(out[out.index("{"):]).get("runs", [])
+    except ValueError:
+        return f"unknown ({out.strip()[:200]})"
+    return runs[0].get("status", "unknown") if runs else "unknown"
