@@ -8,6 +8,7 @@ writes its outputs into the job's Hydra folder.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -41,11 +42,12 @@ def _simulate(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir).resolve()
     overrides = [o for o in hc.overrides.task if not o.startswith("output_dir=")]
-    overrides.append(f"output_dir={out}")
+    overrides.append(f"output_dir='{out}'")  # quoted: sweep folder names hold '=' and ','
+
     if not (PROJECT_ROOT / "pyproject.toml").exists():
         raise RunFailed(f"fl-app needs the project folder (with pyproject.toml) at {PROJECT_ROOT}: "
                         "install it with `pip install -e .` from a clone.")
-    run_config = toml_run_config({"overrides": " ".join(overrides)}, out / "run_config.toml")
+    run_config = toml_run_config({"overrides": shlex.join(overrides)}, out / "run_config.toml")
     result = flwr_run(run_config, cfg.num_clients or DEFAULT_SUPERNODES, flwr_env())
     summary_file = out / "summary.json"
     if not result.ok or not summary_file.exists():

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 from hydra.utils import instantiate
@@ -17,6 +17,7 @@ from fl_app import training
 from fl_app.config import compose, overrides_from_run_config
 from fl_app.data import ClientData, client_data
 from fl_app.models import get_weights, set_weights
+from fl_app.strategies.base import to_array_record
 
 
 class TorchClient(NumPyClient):
@@ -87,10 +88,6 @@ def _client(context: Context) -> TorchClient:
                           int(node["partition-id"]), int(node["num-partitions"]))
 
 
-def _named(keys: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in zip(keys, arrays, strict=True)})
-
-
 def _ndarrays(client: TorchClient, record: ArrayRecord) -> list[np.ndarray]:
     if set(record) != set(client.keys):
         raise ValueError(f"Server sent arrays {sorted(record)}, the model has {client.keys}: "
@@ -106,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
     client = _client(context)
     params = _ndarrays(client, msg.content["arrays"])
     arrays, num_examples, metrics = client.fit(params, dict(msg.content["config"]))
-    content = RecordDict({"arrays": _named(client.keys, arrays),
+    content = RecordDict({"arrays": to_array_record(dict(zip(client.keys, arrays, strict=True))),
                           "metrics": MetricRecord({**metrics, "num-examples": num_examples})})
     return Message(content=content, reply_to=msg)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from hydra.utils import instantiate
@@ -22,6 +22,7 @@ from fl_app.config import compose, overrides_from_run_config, to_yaml
 from fl_app.data import load_dataset
 from fl_app.models import get_weights, num_parameters, set_weights
 from fl_app.strategies import NotEnoughClientsError, PrivacyBudgetExhausted
+from fl_app.strategies.base import from_array_record, to_array_record
 
 app = ServerApp()
 
@@ -66,8 +67,8 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.time()
         try:
-            messages = strategy.configure_train(rnd, _record(weights), ConfigRecord(train_config),
-                                                grid)
+            messages = strategy.configure_train(rnd, to_array_record(weights),
+                                                ConfigRecord(train_config), grid)
         except PrivacyBudgetExhausted as err:
             stop_reason = str(err)
             log(WARNING, "fl_app: stopping before round %d: %s", rnd, err)
@@ -78,12 +79,12 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
         if new is None:
             log(WARNING, "[round %d] no usable client update: global model unchanged", rnd)
         else:
-            weights = {k: v.numpy() for k, v in new.items()}
+            weights = from_array_record(new)
         row = {"round": rnd, "clients": len(replies),
                **{f"train_{k}": v for k, v in dict(train_metrics or {}).items()}}
         if cfg.fraction_evaluate > 0:
             eval_replies = grid.send_and_receive(
-                strategy.configure_evaluate(rnd, _record(weights), ConfigRecord(), grid),
+                strategy.configure_evaluate(rnd, to_array_record(weights), ConfigRecord(), grid),
                 timeout=cfg.round_timeout)
             eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
             row |= {f"client_{k}": v for k, v in dict(eval_metrics or {}).items()}
@@ -144,10 +145,6 @@ def progress_line(row: dict, num_rounds: int, started: float) -> str:
         parts.append(f"ε {row['train_epsilon']:.3f} (δ={row['train_delta']:.1e})")
     parts += [f"{row['seconds']:.2f} s", f"ETA {eta:.0f} s"]
     return " | ".join(parts)
-
-
-def _record(weights: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
 
 
 def _fail_if_all_failed(rnd: int, replies: list[Message]) -> None:

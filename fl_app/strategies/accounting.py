@@ -1,0 +1,111 @@
+"""Privacy accounting for user-level DP-FedAvg: RDP of a Poisson-sampled Gaussian mechanism.
+
+One round of `DPNoise` is one release of the sampled Gaussian mechanism: each client is in the
+round independently with probability q (Poisson sampling), each client's update is clipped to L2
+norm C and Gaussian noise N(0, sigma^2 C^2) is added to the sum. Neighbouring federations differ
+by adding or removing one client's whole data (user-level privacy). `dp_accounting`'s Renyi-DP
+accountant turns `rounds` such releases into an (epsilon, delta) guarantee.
+"""
+
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+import dp_accounting
+from dp_accounting import dp_event, rdp
+
+
+def _check_inputs(noise_multiplier: float, sample_rate: float, delta: float) -> None:
+    """Refuse settings the accountant cannot (or should not) be asked about."""
+    if not math.isfinite(noise_multiplier) or noise_multiplier <= 0:
+        raise ValueError(
+            f"noise_multiplier must be a positive finite number, got {noise_multiplier!r}. "
+            "Without noise there is no differential privacy: set noise_multiplier > 0 "
+            "(around 1.0 is a common starting point)."
+        )
+    if not math.isfinite(sample_rate) or not 0 < sample_rate <= 1:
+        raise ValueError(
+            f"sample_rate must be in (0, 1], got {sample_rate!r}. It is the probability that a "
+            "client takes part in a round (the strategy's fraction_train)."
+        )
+    if not math.isfinite(delta) or not 0 < delta < 1:
+        raise ValueError(
+            f"delta must be strictly between 0 and 1, got {delta!r}. Pick it well below "
+            "1/num_clients, e.g. 1/(10*num_clients)."
+        )
+
+
+@contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Silence dp_accounting's warnings that some low RDP orders did not converge.
+
+    Those orders are simply left out of the minimum over orders (the bound stays valid), and
+    the warnings would otherwise flood the server log every round.
+    """
+    absl_logger = logging.getLogger("absl")
+    previous = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(previous)
+
+
+# The server asks for the same (sigma, q, rounds, delta) more than once per round (budget check,
+# then the reported epsilon); one RDP evaluation can take ~0.1 s, so remember recent answers.
+@lru_cache(maxsize=1024)
+def _epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
+    accountant = rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    )
+    one_round = dp_event.PoissonSampledDpEvent(
+        sample_rate, dp_event.GaussianDpEvent(noise_multiplier)
+    )
+    with _quiet_absl():
+        accountant.compose(dp_event.SelfComposedDpEvent(one_round, rounds))
+        return float(accountant.get_epsilon(delta))
+
+
+def epsilon_spent(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
+    """Return the epsilon (at `delta`) of `rounds` Poisson-sampled Gaussian releases.
+
+    `noise_multiplier` is sigma (noise std / clip norm), `sample_rate` the per-round
+    probability q that a client participates. Zero rounds cost nothing.
+    """
+    _check_inputs(noise_multiplier, sample_rate, delta)
+    if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 0:
+        raise ValueError(f"rounds must be a non-negative integer, got {rounds!r}.")
+    if rounds == 0:
+        return 0.0
+    return _epsilon(float(noise_multiplier), float(sample_rate), int(rounds), float(delta))
+
+
+def rounds_within_budget(
+    noise_multiplier: float,
+    sample_rate: float,
+    delta: float,
+    max_epsilon: float,
+    max_rounds: int,
+) -> int:
+    """Return the most rounds (at most `max_rounds`) whose epsilon stays <= `max_epsilon`.
+
+    Epsilon only grows with the number of rounds, so a binary search needs about
+    log2(max_rounds) accountant calls instead of one per round.
+    """
+    _check_inputs(noise_multiplier, sample_rate, delta)
+    if not math.isfinite(max_epsilon) or max_epsilon <= 0:
+        raise ValueError(
+            f"max_epsilon must be a positive finite number, got {max_epsilon!r}."
+        )
+    if isinstance(max_rounds, bool) or int(max_rounds) != max_rounds or max_rounds < 0:
+        raise ValueError(f"max_rounds must be a non-negative integer, got {max_rounds!r}.")
+    low, high = 0, int(max_rounds)  # invariant: epsilon(low) <= max_epsilon
+    while low < high:
+        mid = (low + high + 1) // 2
+        if epsilon_spent(noise_multiplier, sample_rate, mid, delta) <= max_epsilon:
+            low = mid
+        else:
+            high = mid - 1
+    return low

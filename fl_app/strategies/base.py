@@ -1,0 +1,424 @@
+"""Shared machinery of fl_app's strategies: seeded sampling, reply validation, streaming means.
+
+`SampledStrategy` subclasses Flower's Message-API `FedAvg` (so its constructor arguments,
+`summary()` and `start()` work as users expect) and replaces the parts this project needs to be
+stricter about:
+
+- node sampling is seeded (reproducible runs) and waits a bounded time for enough nodes,
+  then fails with a message that says how to fix it instead of waiting forever;
+- the strategy keeps the current global model itself (`self.current`), because FedSGD clients
+  reply with gradients and `aggregate_train` is not handed the global model;
+- a bad reply (error, NaN, wrong shape, missing names, ...) is dropped and logged, never averaged
+  in and never allowed to crash the round;
+- replies are averaged into preallocated buffers one at a time, so server memory does not grow
+  with the number of clients.
+
+Subclasses say what a client sends (`mode`), what the update is (`client_update`, which the DP
+wrapper clips) and how an averaged update becomes the new global model (`apply_update`).
+"""
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.logger import log
+from flwr.serverapp.grid import Grid
+from flwr.serverapp.strategy import FedAvg
+
+NUM_EXAMPLES = "num-examples"
+
+# Separate random streams so that changing evaluation sampling never changes training sampling.
+_TRAIN_STREAM = 0
+_EVALUATE_STREAM = 1
+
+
+class NotEnoughClientsError(RuntimeError):
+    """Fewer nodes connected than the strategy needs, after waiting `node_wait_timeout`."""
+
+
+class BadReply(ValueError):
+    """A client reply that cannot be aggregated; the message is the reason."""
+
+
+def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Pack named numpy arrays into an ArrayRecord, keeping the names (state_dict keys)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Unpack an ArrayRecord into named numpy arrays."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _float_dtype(dtype: np.dtype) -> np.dtype:
+    """Dtype to compute in: float32 stays float32 (half the memory), ints/float64 -> float64."""
+    return np.result_type(dtype, np.float32)
+
+
+class MetricAverager:
+    """Example-weighted running mean of the clients' scalar metrics (no list of replies kept)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.num_clients = 0
+        self.num_examples = 0.0
+
+    def add(self, num_examples: float, metrics: MetricRecord) -> None:
+        """Fold one client's scalar metrics in, weighted by its number of examples."""
+        self.num_clients += 1
+        self.num_examples += num_examples
+        for key, value in metrics.items():
+            if key == NUM_EXAMPLES or isinstance(value, (bool, list)):
+                continue
+            self.sums[key] = self.sums.get(key, 0.0) + num_examples * float(value)
+            self.weights[key] = self.weights.get(key, 0.0) + num_examples
+
+    def record(self) -> MetricRecord:
+        """The averages so far, plus the total num-examples and the num-clients seen."""
+        averages = {key: self.sums[key] / self.weights[key] for key in self.sums}
+        total = self.num_examples
+        num_examples = int(total) if total.is_integer() else total
+        return MetricRecord(
+            {**averages, NUM_EXAMPLES: num_examples, "num-clients": self.num_clients}
+        )
+
+
+class SampledStrategy(FedAvg):
+    """Base of fl_app's strategies: seeded sampling, validated replies, in-place averaging.
+
+    Parameters are Flower's `FedAvg` ones plus `node_wait_timeout` (seconds to wait for
+    `min_available_nodes` before raising `NotEnoughClientsError`) and `seed` (node sampling
+    is a pure function of seed and round, so runs are reproducible).
+    """
+
+    mode: str = "weights"
+    # Weight each client's update by its num-examples (True) or count every client once.
+    weighted: bool = True
+
+    def __init__(
+        self,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 0.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        node_wait_timeout: float = 60.0,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (("fraction_train", fraction_train),
+                            ("fraction_evaluate", fraction_evaluate)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
+        if node_wait_timeout < 0:
+            raise ValueError(f"node_wait_timeout must be >= 0 seconds, got {node_wait_timeout!r}.")
+        # Flower's FedAvg warns when fraction_evaluate is 0; here that is the default (the
+        # server evaluates centrally), so set it after the parent has run, without the warning.
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate or 1.0,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+        )
+        if fraction_evaluate == 0.0:
+            self.fraction_evaluate = 0.0
+            self.min_evaluate_nodes = 0
+        self.node_wait_timeout = float(node_wait_timeout)
+        self.seed = int(seed)
+        self.current: dict[str, np.ndarray] | None = None
+        self.last_dropped: list[str] = []
+        # The dtypes the global model arrived in: the new model is sent back in the same ones.
+        self._dtypes: dict[str, np.dtype] = {}
+
+    # ----------------------------------------------------------------------------------------
+    # What subclasses define
+    # ----------------------------------------------------------------------------------------
+
+    def client_update(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Return the update a client's reply stands for (what a DP wrapper clips)."""
+        raise NotImplementedError
+
+    def apply_update(self, mean_update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Turn an averaged update into the new global model, store it and return it."""
+        raise NotImplementedError
+
+    def global_from_mean_reply(self, mean_reply: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """New global model from the mean of the raw replies (default: they are updates)."""
+        return self.apply_update(mean_reply)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Strategy state a checkpoint must keep (flat, `np.savez`-able). Stateless here."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what `state_dict` returned."""
+
+    # ----------------------------------------------------------------------------------------
+    # Sampling
+    # ----------------------------------------------------------------------------------------
+
+    def wait_for_nodes(self, grid: Grid, required: int) -> list[int]:
+        """Return the sorted connected node ids once at least `required` are connected.
+
+        Polls every 0.5 s for up to `node_wait_timeout` seconds, then raises
+        `NotEnoughClientsError`: a run that can never start should say so, not hang.
+        """
+        deadline = time.monotonic() + self.node_wait_timeout
+        logged = False
+        while True:
+            node_ids = sorted(grid.get_node_ids())
+            if len(node_ids) >= required:
+                return node_ids
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NotEnoughClientsError(
+                    f"Only {len(node_ids)} node(s) connected after waiting "
+                    f"{self.node_wait_timeout:g} s, but this strategy requires {required} "
+                    f"(min_available_nodes={self.min_available_nodes}, "
+                    f"min_train_nodes={self.min_train_nodes}). Start more SuperNodes, raise "
+                    "num-supernodes in the federation config (simulation), or lower "
+                    "min_clients in the strategy config."
+                )
+            if not logged:
+                log(INFO, "Waiting for nodes: %d connected, %d required (up to %.0f s).",
+                    len(node_ids), required, self.node_wait_timeout)
+                logged = True
+            time.sleep(min(0.5, remaining))
+
+    def sample_nodes(
+        self, grid: Grid, server_round: int, fraction: float, min_nodes: int, stream: int = 0
+    ) -> list[int]:
+        """Sample max(int(n * fraction), min_nodes) of the n connected nodes, capped at n.
+
+        Deterministic for a given (seed, round, stream): node ids are sorted first, so the
+        order in which the grid lists them does not matter.
+        """
+        node_ids = self.wait_for_nodes(grid, max(self.min_available_nodes, min_nodes))
+        size = min(max(int(len(node_ids) * fraction), min_nodes), len(node_ids))
+        entropy = [self.seed, server_round]
+        if stream != _TRAIN_STREAM:
+            entropy.append(stream)
+        rng = np.random.default_rng(entropy)
+        chosen = rng.choice(len(node_ids), size=size, replace=False)
+        return sorted(node_ids[i] for i in chosen)
+
+    # ----------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes (seeded) and send them the global model with mode and round."""
+        if self.fraction_train == 0.0:
+            return []
+        node_ids = self.sample_nodes(
+            grid, server_round, self.fraction_train, self.min_train_nodes, _TRAIN_STREAM
+        )
+        log(INFO, "configure_train: sampled %d nodes", len(node_ids))
+        return self.build_train_messages(server_round, arrays, config, node_ids)
+
+    def build_train_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
+    ) -> list[Message]:
+        """Remember `arrays` as the current global model and build one TRAIN message per node."""
+        self.set_current(arrays)
+        train_config = ConfigRecord(dict(config))  # never mutate the caller's config
+        train_config["mode"] = self.mode
+        train_config["server-round"] = server_round
+        content = RecordDict({"arrays": arrays, "config": train_config})
+        return [
+            Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN)
+            for node_id in node_ids
+        ]
+
+    def set_current(self, arrays: ArrayRecord | dict[str, np.ndarray]) -> None:
+        """Store a float copy of the global model (the reference replies are checked against)."""
+        named = from_array_record(arrays) if isinstance(arrays, ArrayRecord) else arrays
+        self._dtypes = {k: np.asarray(v).dtype for k, v in named.items()}
+        self.current = {
+            k: np.array(v, dtype=_float_dtype(np.asarray(v).dtype)) for k, v in named.items()
+        }
+
+    def _require_current(self) -> dict[str, np.ndarray]:
+        if self.current is None:
+            raise RuntimeError(
+                "The strategy has no global model yet: call configure_train (or set_current) "
+                "before aggregate_train, since replies are checked against the global model."
+            )
+        return self.current
+
+    def check_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], float, MetricRecord]:
+        """Return (arrays, num_examples, metrics) of a usable reply; raise BadReply otherwise."""
+        if msg.has_error():
+            raise BadReply(f"error reply: {msg.error.reason}")
+        if not msg.has_content():
+            raise BadReply("reply has no content")
+        record = msg.content.get("arrays")
+        if not isinstance(record, ArrayRecord):
+            raise BadReply("no 'arrays' ArrayRecord")
+        metrics = msg.content.get("metrics")
+        if not isinstance(metrics, MetricRecord):
+            raise BadReply("no 'metrics' MetricRecord")
+        if NUM_EXAMPLES not in metrics:
+            raise BadReply(f"metrics lack '{NUM_EXAMPLES}'")
+        num_examples = metrics[NUM_EXAMPLES]
+        if (isinstance(num_examples, (bool, list)) or not math.isfinite(num_examples)
+                or num_examples <= 0):
+            raise BadReply(f"'{NUM_EXAMPLES}' must be a positive number, got {num_examples!r}")
+        for key, value in metrics.items():
+            values = value if isinstance(value, list) else [value]
+            if not all(math.isfinite(v) for v in values):
+                raise BadReply(f"metric '{key}' is not finite ({value!r})")
+
+        current = self._require_current()
+        missing, extra = sorted(set(current) - set(record)), sorted(set(record) - set(current))
+        if missing or extra:
+            raise BadReply(f"array names differ (missing {missing}, unexpected {extra})")
+        for key, array in record.items():
+            # Checked before decoding, so a huge wrong-shaped reply costs nothing.
+            if tuple(array.shape) != current[key].shape:
+                raise BadReply(
+                    f"'{key}' has shape {tuple(array.shape)}, expected {current[key].shape}"
+                )
+        arrays = from_array_record(record)
+        for key, array in arrays.items():
+            if not (np.issubdtype(array.dtype, np.number) and np.isrealobj(array)):
+                raise BadReply(f"'{key}' has non-numeric dtype {array.dtype}")
+            if not np.all(np.isfinite(array)):
+                raise BadReply(f"'{key}' contains NaN or Inf")
+        return arrays, float(num_examples), metrics
+
+    def iter_valid_updates(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> Iterator[tuple[dict[str, np.ndarray], float, MetricRecord]]:
+        """Yield (arrays, num_examples, metrics) of each usable reply, one at a time.
+
+        Unusable replies are logged at WARNING with node id and reason and recorded in
+        `self.last_dropped`; nothing a client sends can make this raise.
+        """
+        self.last_dropped = []
+        self._require_current()  # a missing global model is a server bug: let that raise
+        for msg in replies:
+            try:
+                update = self.check_reply(msg)
+            except BadReply as exc:
+                reason = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a malformed reply must not end the run
+                reason = f"unreadable reply ({type(exc).__name__}: {exc})"
+            else:
+                yield update
+                continue
+            node_id = msg.metadata.src_node_id
+            self.last_dropped.append(f"node {node_id}: {reason}")
+            log(WARNING, "Round %s: dropping reply from node %s: %s", server_round, node_id, reason)
+
+    def valid_updates(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> list[tuple[dict[str, np.ndarray], float, MetricRecord]]:
+        """The usable replies as (arrays, num_examples, metrics); see `iter_valid_updates`."""
+        return list(self.iter_valid_updates(server_round, replies))
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the usable replies (weighted by num-examples or uniformly) into a new model.
+
+        With no usable reply the global model stays as it is and the ArrayRecord is None.
+        """
+        current = self._require_current()
+        sums = {k: np.zeros_like(v) for k, v in current.items()}
+        total_weight = 0.0
+        averager = MetricAverager()
+        for arrays, num_examples, metrics in self.iter_valid_updates(server_round, replies):
+            weight = num_examples if self.weighted else 1.0
+            for key, acc in sums.items():
+                acc += weight * arrays[key]
+            total_weight += weight
+            averager.add(num_examples, metrics)
+
+        metrics_out = averager.record()
+        metrics_out["num-dropped"] = len(self.last_dropped)
+        if averager.num_clients == 0:
+            log(WARNING, "Round %s: no usable reply (%d dropped); global model unchanged.",
+                server_round, len(self.last_dropped))
+            return None, metrics_out
+        for acc in sums.values():
+            acc /= total_weight
+        new_global = self.global_from_mean_reply(sums)
+        return self.to_record(new_global), metrics_out
+
+    def commit(self, new_global: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Make `new_global` the current model (float arrays) and return it."""
+        self.current = new_global
+        return new_global
+
+    def to_record(self, arrays: dict[str, np.ndarray]) -> ArrayRecord:
+        """ArrayRecord of `arrays` in the dtypes the global model came in (ints rounded)."""
+        out = {}
+        for key, value in arrays.items():
+            dtype = self._dtypes.get(key, value.dtype)
+            if np.issubdtype(dtype, np.integer):
+                value = np.rint(value)
+            out[key] = value.astype(dtype, copy=False)
+        return to_array_record(out)
+
+    # ----------------------------------------------------------------------------------------
+    # Evaluation
+    # ----------------------------------------------------------------------------------------
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes (seeded, own stream) for federated evaluation; none if fraction is 0."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        node_ids = self.sample_nodes(
+            grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes, _EVALUATE_STREAM
+        )
+        eval_config = ConfigRecord(dict(config))
+        eval_config["server-round"] = server_round
+        content = RecordDict({"arrays": arrays, "config": eval_config})
+        return [
+            Message(content=content, dst_node_id=node_id, message_type=MessageType.EVALUATE)
+            for node_id in node_ids
+        ]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Example-weighted mean of the clients' evaluation metrics; None if none usable."""
+        averager = MetricAverager()
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            if msg.has_error():
+                log(WARNING, "Round %s: evaluation error from node %s: %s",
+                    server_round, node_id, msg.error.reason)
+                continue
+            metrics = msg.content.get("metrics") if msg.has_content() else None
+            num_examples = metrics.get(NUM_EXAMPLES) if isinstance(metrics, MetricRecord) else None
+            if (not isinstance(num_examples, (int, float)) or isinstance(num_examples, bool)
+                    or not math.isfinite(num_examples) or num_examples <= 0):
+                log(WARNING, "Round %s: dropping evaluation reply from node %s: no positive '%s'",
+                    server_round, node_id, NUM_EXAMPLES)
+                continue
+            averager.add(float(num_examples), metrics)
+        return averager.record() if averager.num_clients else None
+
+    def summary(self) -> None:
+        """Log the configuration (Flower's FedAvg summary plus what this class adds)."""
+        super().summary()
+        log(INFO, "\t├──> %s: mode=%s, weighted=%s, seed=%d, node_wait_timeout=%.1fs",
+            type(self).__name__, self.mode, self.weighted, self.seed, self.node_wait_timeout)

@@ -1,0 +1,257 @@
+"""Central, user-level differential privacy (DP-FedAvg, McMahan et al. 2018) around any strategy.
+
+Each round: every connected client is sampled independently with probability q (Poisson
+sampling); each usable reply's update (the delta for FedAvg, the gradient for FedSGD: whatever
+the inner strategy says the update is) is clipped to L2 norm <= C over all arrays together; the
+clipped updates are summed, Gaussian noise N(0, sigma^2 C^2) is added to every coordinate of the
+sum, and the sum is divided by the *expected* number of clients m = q * num_clients. Adding or
+removing one client changes the sum by at most C, and the fixed denominator means the number of
+replies itself reveals nothing, so every round is exactly the sampled Gaussian mechanism that
+`accounting.epsilon_spent` accounts for.
+
+The server is trusted (central DP): it sees individual updates; what is protected is everything
+released from it (the global models). The aggregated client metrics it logs (train loss, ...)
+are not noised and are not covered by the guarantee.
+"""
+
+import math
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp.grid import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fl_app.strategies.accounting import epsilon_spent
+from fl_app.strategies.base import MetricAverager, SampledStrategy
+
+_ROUNDS_DONE = "dp.rounds-done"
+_INNER = "inner."
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """The next round would push epsilon past `max_epsilon`; the server should stop here."""
+
+
+def global_norm(update: dict[str, np.ndarray]) -> float:
+    """L2 norm of all arrays of an update taken together (as one flat vector)."""
+    return math.sqrt(sum(float(np.vdot(v, v)) for v in update.values()))
+
+
+def clip_to_norm(
+    update: dict[str, np.ndarray], clip_norm: float
+) -> tuple[dict[str, np.ndarray], bool]:
+    """Scale `update` by min(1, clip_norm / ||update||); return it and whether it was scaled."""
+    norm = global_norm(update)
+    if norm <= clip_norm:
+        return update, False
+    scale = clip_norm / norm
+    return {k: v * scale for k, v in update.items()}, True
+
+
+class DPNoise(Strategy):
+    """User-level central DP with fixed clipping and Poisson sampling around a SampledStrategy.
+
+    Parameters
+    ----------
+    strategy : the inner strategy (WeightedFedAvg or GradientAveraging). Its `fraction_train`
+        is the sampling probability q; its `seed` seeds the sampling.
+    clip_norm : C, the L2 bound on each client's whole update.
+    noise_multiplier : sigma; the noise std on the sum is sigma * C.
+    num_clients : the population size N the sampling draws from (the number of SuperNodes).
+    delta : the DP delta; default 1 / (10 N). Must be below 1 / N.
+    max_epsilon : optional budget; `configure_train` raises `PrivacyBudgetExhausted` before a
+        round that would exceed it.
+    noise_seed : seed of the noise RNG. Leave it None (OS entropy) for real privacy: a known
+        seed lets anyone regenerate and subtract the noise. Set it only for tests.
+    """
+
+    def __init__(
+        self,
+        strategy: SampledStrategy,
+        clip_norm: float,
+        noise_multiplier: float,
+        num_clients: int,
+        delta: float | None = None,
+        max_epsilon: float | None = None,
+        noise_seed: int | None = None,
+    ) -> None:
+        if not isinstance(strategy, SampledStrategy):
+            raise TypeError(
+                f"DPNoise wraps an fl_app SampledStrategy (WeightedFedAvg or GradientAveraging), "
+                f"got {type(strategy).__name__}: it needs client_update/apply_update."
+            )
+        if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1:
+            raise ValueError(
+                f"num_clients must be a positive integer (the number of clients sampled from), "
+                f"got {num_clients!r}. Set it to the number of SuperNodes / partitions."
+            )
+        num_clients = int(num_clients)
+        if not math.isfinite(clip_norm) or clip_norm <= 0:
+            raise ValueError(
+                f"clip_norm must be a positive finite number, got {clip_norm!r}. It bounds each "
+                "client's update norm; pick it near the typical update norm (e.g. 0.1 - 1.0)."
+            )
+        if not math.isfinite(noise_multiplier) or noise_multiplier <= 0:
+            raise ValueError(
+                f"noise_multiplier must be a positive finite number, got {noise_multiplier!r}. "
+                "Without noise there is no privacy; use e.g. 1.0 (more noise, smaller epsilon)."
+            )
+        if delta is None:
+            delta = 1.0 / (10 * num_clients)
+        if not 0 < delta < 1:
+            raise ValueError(
+                f"delta must be strictly between 0 and 1, got {delta!r}. Leave it unset for "
+                f"the default 1/(10*num_clients) = {1.0 / (10 * num_clients):g}."
+            )
+        if delta >= 1.0 / num_clients:
+            raise ValueError(
+                f"delta = {delta:g} is >= 1/num_clients = {1.0 / num_clients:g}: a mechanism "
+                "that publishes one client's data outright would satisfy that. Use a delta "
+                f"well below 1/num_clients, e.g. {1.0 / (10 * num_clients):g} (the default)."
+            )
+        if max_epsilon is not None and (not math.isfinite(max_epsilon) or max_epsilon <= 0):
+            raise ValueError(
+                f"max_epsilon must be a positive finite number or None (no budget), "
+                f"got {max_epsilon!r}."
+            )
+        if not 0 < strategy.fraction_train <= 1:
+            raise ValueError(
+                f"fraction_train of the wrapped strategy is the client sampling rate q and must "
+                f"be in (0, 1], got {strategy.fraction_train!r}."
+            )
+        self.inner = strategy
+        self.clip_norm = float(clip_norm)
+        self.noise_multiplier = float(noise_multiplier)
+        self.num_clients = num_clients
+        self.delta = float(delta)
+        self.max_epsilon = None if max_epsilon is None else float(max_epsilon)
+        self.sample_rate = float(strategy.fraction_train)
+        self.rounds_done = 0
+        self.epsilon = 0.0
+        self._noise_rng = np.random.default_rng(noise_seed)
+
+    @property
+    def expected_clients(self) -> float:
+        """m = q * num_clients: the fixed denominator of the noisy mean."""
+        return self.sample_rate * self.num_clients
+
+    @property
+    def current(self) -> dict[str, np.ndarray] | None:
+        """The inner strategy's current global model."""
+        return self.inner.current
+
+    @property
+    def last_dropped(self) -> list[str]:
+        """Reasons for the replies dropped in the last aggregated round."""
+        return self.inner.last_dropped
+
+    def _epsilon_after(self, rounds: int) -> float:
+        return epsilon_spent(self.noise_multiplier, self.sample_rate, rounds, self.delta)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Check the budget, then Poisson-sample clients and send them the global model."""
+        if self.max_epsilon is not None:
+            next_epsilon = self._epsilon_after(self.rounds_done + 1)
+            if next_epsilon > self.max_epsilon:
+                raise PrivacyBudgetExhausted(
+                    f"Privacy budget exhausted after {self.rounds_done} round(s): epsilon is "
+                    f"{self.epsilon:.4g} now and would be {next_epsilon:.4g} after round "
+                    f"{server_round}, above max_epsilon = {self.max_epsilon:g} "
+                    f"(delta = {self.delta:g}). For more rounds within the budget raise "
+                    f"noise_multiplier (now {self.noise_multiplier:g}), lower the sampling "
+                    f"fraction fraction_train (now {self.sample_rate:g}), train with more "
+                    f"clients (num_clients, now {self.num_clients}), or raise max_epsilon."
+                )
+        node_ids = self.inner.wait_for_nodes(grid, self.inner.min_available_nodes)
+        if len(node_ids) != self.num_clients:
+            log(WARNING, "DP: %d nodes connected but num_clients = %d; the privacy accounting "
+                "and the noise scale assume %d.", len(node_ids), self.num_clients,
+                self.num_clients)
+        # Poisson sampling, as the accountant assumes: each node in with probability q,
+        # independently; the cohort size varies from round to round and may be zero.
+        rng = np.random.default_rng([self.inner.seed, server_round])
+        chosen = [n for n, u in zip(node_ids, rng.random(len(node_ids)), strict=True)
+                  if u < self.sample_rate]
+        log(INFO, "configure_train (DP): Poisson-sampled %d of %d nodes (q = %g)",
+            len(chosen), len(node_ids), self.sample_rate)
+        messages = self.inner.build_train_messages(server_round, arrays, config, chosen)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip each update, sum, add N(0, sigma^2 C^2) noise, divide by q*N, apply.
+
+        The noisy update is released even when no client replied: the round still counts
+        in the accounting, and skipping it would reveal that nobody took part.
+        """
+        current = self.inner.current
+        if current is None:
+            raise RuntimeError("DPNoise.aggregate_train called before configure_train.")
+        total = {k: np.zeros_like(v) for k, v in current.items()}
+        averager = MetricAverager()
+        num_clipped = 0
+        for arrays, num_examples, metrics in self.inner.iter_valid_updates(server_round, replies):
+            clipped, was_clipped = clip_to_norm(self.inner.client_update(arrays), self.clip_norm)
+            num_clipped += int(was_clipped)
+            for key, acc in total.items():
+                acc += clipped[key]
+            averager.add(num_examples, metrics)
+
+        noise_std = self.noise_multiplier * self.clip_norm
+        for acc in total.values():
+            acc += self._noise_rng.normal(0.0, noise_std, size=acc.shape)
+            acc /= self.expected_clients
+        new_global = self.inner.apply_update(total)
+
+        self.rounds_done += 1
+        self.epsilon = self._epsilon_after(self.rounds_done)
+        metrics_out = averager.record()
+        metrics_out["num-dropped"] = len(self.inner.last_dropped)
+        metrics_out["num-clipped"] = num_clipped
+        metrics_out["epsilon"] = self.epsilon
+        metrics_out["delta"] = self.delta
+        metrics_out["clip-norm"] = self.clip_norm
+        metrics_out["noise-multiplier"] = self.noise_multiplier
+        log(INFO, "DP round %s: %d update(s), %d clipped; epsilon = %.4g (delta = %g)",
+            server_round, averager.num_clients, num_clipped, self.epsilon, self.delta)
+        return self.inner.to_record(new_global), metrics_out
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegated to the inner strategy."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Delegated to the inner strategy."""
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """Log the inner strategy's summary and the DP settings."""
+        self.inner.summary()
+        log(INFO, "\t└──> DP (central, user-level, Poisson sampling): clip_norm=%g, "
+            "noise_multiplier=%g, q=%g, num_clients=%d, delta=%g, max_epsilon=%s",
+            self.clip_norm, self.noise_multiplier, self.sample_rate, self.num_clients,
+            self.delta, self.max_epsilon)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Rounds already released (epsilon follows from them) plus the inner strategy's state."""
+        state = {_ROUNDS_DONE: np.asarray(self.rounds_done)}
+        state.update({_INNER + k: v for k, v in self.inner.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore `state_dict` output; epsilon is recomputed from the rounds done."""
+        self.rounds_done = int(state[_ROUNDS_DONE])
+        self.epsilon = self._epsilon_after(self.rounds_done)
+        self.inner.load_state_dict(
+            {k[len(_INNER):]: v for k, v in state.items() if k.startswith(_INNER)}
+        )

@@ -1,0 +1,97 @@
+"""FedSGD / gradient averaging: clients send gradients, the server takes the (momentum) SGD step."""
+
+from logging import INFO
+
+import numpy as np
+from flwr.common.logger import log
+
+from fl_app.strategies.base import SampledStrategy
+
+_VELOCITY = "velocity."
+
+
+class GradientAveraging(SampledStrategy):
+    """Server-side SGD on the average of the clients' gradients.
+
+    Each sampled client replies with the gradient of its loss at the current global model
+    (`mode = "gradient"`). The server averages them (weighted by num-examples, which for
+    full-batch gradients of mean losses gives the gradient over the union of the data, or
+    uniformly 1/C) and steps
+
+        v <- mu * v + g_avg;   W <- W - lr * v      (plain W <- W - lr * g_avg when mu = 0).
+
+    The velocity v is strategy state: `state_dict()` returns it for checkpoints.
+    """
+
+    mode = "gradient"
+
+    def __init__(
+        self,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 0.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        node_wait_timeout: float = 60.0,
+        seed: int = 0,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        weighted: bool = True,
+    ) -> None:
+        if not server_lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {server_lr!r}.")
+        if not 0.0 <= server_momentum < 1.0:
+            raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum!r}.")
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            node_wait_timeout=node_wait_timeout,
+            seed=seed,
+        )
+        self.server_lr = float(server_lr)
+        self.server_momentum = float(server_momentum)
+        self.weighted = bool(weighted)
+        self.velocity: dict[str, np.ndarray] | None = None
+
+    def client_update(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The reply itself: it is the client's gradient (what DP-FedSGD clips)."""
+        current = self._require_current()
+        return {k: np.asarray(arrays[k], dtype=current[k].dtype) for k in current}
+
+    def apply_update(self, mean_update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One (momentum) SGD step on the averaged gradient."""
+        current = self._require_current()
+        if self.server_momentum == 0.0:
+            step = mean_update
+        else:
+            if self.velocity is None or any(
+                k not in self.velocity or self.velocity[k].shape != v.shape
+                for k, v in current.items()
+            ):
+                self.velocity = {k: np.zeros_like(v) for k, v in current.items()}
+            for key, velocity in self.velocity.items():
+                velocity *= self.server_momentum
+                velocity += mean_update[key]
+            step = self.velocity
+        return self.commit({k: current[k] - self.server_lr * step[k] for k in current})
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The momentum velocity, as flat `velocity.<array name>` entries."""
+        if self.velocity is None:
+            return {}
+        return {_VELOCITY + k: v.copy() for k, v in self.velocity.items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore the velocity saved by `state_dict` (absent: start from zero velocity)."""
+        velocity = {
+            k[len(_VELOCITY):]: np.array(v) for k, v in state.items() if k.startswith(_VELOCITY)
+        }
+        self.velocity = velocity or None
+
+    def summary(self) -> None:
+        """Log the configuration, including the server optimizer."""
+        super().summary()
+        log(INFO, "\t└──> server step: lr=%g, momentum=%g", self.server_lr, self.server_momentum)
