@@ -42,7 +42,9 @@ class TorchClient(NumPyClient):
         seed = self.seed * 1_000_003 + int(config.get("server-round", 0))
         x, y = self.data.x_train, self.data.y_train
         if config.get("mode", "weights") == "gradient":
-            grads, loss, n = training.gradient(self.model, x, y, self.batch_size, seed)
+            # The server's protocol decides the gradient batch (0: the whole local set).
+            batch = int(config.get("batch-size", self.batch_size or 0)) or None
+            grads, loss, n = training.gradient(self.model, x, y, batch, seed)
             return [grads[k].numpy() for k in self.keys], n, {"train_loss": loss}
         loss = training.train(self.model, x, y, self.local_epochs, self.batch_size, self.lr, seed)
         return self.get_parameters({}), len(y), {"train_loss": loss}

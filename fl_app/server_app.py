@@ -62,13 +62,11 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
     loss, acc = central_eval(weights)
     log(INFO, "[round 0] test loss %.4f, accuracy %.4f", loss, acc)
     history, stop_reason = [{"round": 0, "test_loss": loss, "test_accuracy": acc}], "num_rounds"
-    train_config = {"local-epochs": cfg.local_epochs, "lr": cfg.lr,
-                    "batch-size": cfg.batch_size or 0}
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.time()
         try:
             messages = strategy.configure_train(rnd, to_array_record(weights),
-                                                ConfigRecord(train_config), grid)
+                                                ConfigRecord(), grid)
         except PrivacyBudgetExhausted as err:
             stop_reason = str(err)
             log(WARNING, "fl_app: stopping before round %d: %s", rnd, err)

@@ -26,9 +26,9 @@ def test_fit_trains_local_epochs_and_lowers_the_validation_loss():
 
 
 def test_gradient_mode_returns_the_full_batch_gradient_of_the_mean_loss():
-    client = _client("batch_size=null")
+    client = _client()
     params = client.get_parameters({})
-    grads, n, _ = client.fit(params, {"mode": "gradient", "server-round": 1})
+    grads, n, _ = client.fit(params, {"mode": "gradient", "batch-size": 0, "server-round": 1})
     model = client.model
     model.zero_grad()
     F.cross_entropy(model(client.data.x_train), client.data.y_train).backward()
@@ -38,9 +38,10 @@ def test_gradient_mode_returns_the_full_batch_gradient_of_the_mean_loss():
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
 
 
-def test_gradient_mode_with_batch_size_uses_one_batch():
-    client = _client("batch_size=16")
-    _, n, _ = client.fit(client.get_parameters({}), {"mode": "gradient", "server-round": 2})
+def test_gradient_mode_uses_the_batch_size_the_server_sends():
+    client = _client("batch_size=10")
+    config = {"mode": "gradient", "batch-size": 16, "server-round": 2}
+    _, n, _ = client.fit(client.get_parameters({}), config)
     assert n == 16
 
 

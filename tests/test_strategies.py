@@ -373,3 +373,13 @@ def test_fedsgd_refuses_a_nonsensical_server_optimizer() -> None:
         GradientAveraging(server_lr=0.0)
     with pytest.raises(ValueError, match="server_momentum"):
         GradientAveraging(server_momentum=1.0)
+
+
+def test_fedsgd_tells_clients_its_gradient_batch_size(monkeypatch):
+    set_task_identity(monkeypatch)
+    arrays = record({"w": np.zeros(3, np.float32)})
+    full = GradientAveraging().build_train_messages(1, arrays, ConfigRecord(), [7])[0]
+    batch = GradientAveraging(batch_size=32).build_train_messages(1, arrays, ConfigRecord(), [7])[0]
+    assert full.content["config"]["batch-size"] == 0  # 0: the whole local set
+    assert batch.content["config"]["batch-size"] == 32
+    assert batch.content["config"]["mode"] == "gradient"

@@ -236,6 +236,7 @@ class SampledStrategy(FedAvg):
         """Remember `arrays` as the current global model and build one TRAIN message per node."""
         self.set_current(arrays)
         train_config = ConfigRecord(dict(config))  # never mutate the caller's config
+        train_config.update(self.client_config())
         train_config["mode"] = self.mode
         train_config["server-round"] = server_round
         content = RecordDict({"arrays": arrays, "config": train_config})
@@ -243,6 +244,10 @@ class SampledStrategy(FedAvg):
             Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN)
             for node_id in node_ids
         ]
+
+    def client_config(self) -> dict[str, int | float | str | bool]:
+        """What this strategy tells every client besides the mode (none for FedAvg)."""
+        return {}
 
     def set_current(self, arrays: ArrayRecord | dict[str, np.ndarray]) -> None:
         """Store a float copy of the global model (the reference replies are checked against)."""

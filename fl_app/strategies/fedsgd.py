@@ -14,7 +14,8 @@ class GradientAveraging(SampledStrategy):
     """Server-side SGD on the average of the clients' gradients.
 
     Each sampled client replies with the gradient of its loss at the current global model
-    (`mode = "gradient"`). The server averages them (weighted by num-examples, which for
+    (`mode = "gradient"`), over its whole local set or one batch of `batch_size`. The server
+    averages them (weighted by num-examples, which for
     full-batch gradients of mean losses gives the gradient over the union of the data, or
     uniformly 1/C) and steps
 
@@ -37,9 +38,13 @@ class GradientAveraging(SampledStrategy):
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         weighted: bool = True,
+        batch_size: int | None = None,
     ) -> None:
         if not server_lr > 0:
             raise ValueError(f"server_lr must be > 0, got {server_lr!r}.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be null (the whole local set) or >= 1, "
+                             f"got {batch_size!r}.")
         if not 0.0 <= server_momentum < 1.0:
             raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum!r}.")
         super().__init__(
@@ -54,7 +59,12 @@ class GradientAveraging(SampledStrategy):
         self.server_lr = float(server_lr)
         self.server_momentum = float(server_momentum)
         self.weighted = bool(weighted)
+        self.batch_size = batch_size
         self.velocity: dict[str, np.ndarray] | None = None
+
+    def client_config(self) -> dict[str, int]:
+        """The clients' gradient batch: 0 means the whole local set (∇ of 1/N Σ L)."""
+        return {"batch-size": self.batch_size or 0}
 
     def client_update(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The reply itself: it is the client's gradient (what DP-FedSGD clips)."""
