@@ -28,18 +28,13 @@ class GradientAveraging(SampledStrategy):
 
     def __init__(
         self,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 0.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        node_wait_timeout: float = 60.0,
-        seed: int = 0,
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         weighted: bool = True,
         batch_size: int | None = None,
+        **sampling: float,
     ) -> None:
+        """`sampling`: SampledStrategy's arguments (fractions, minimum nodes, timeout, seed)."""
         if not server_lr > 0:
             raise ValueError(f"server_lr must be > 0, got {server_lr!r}.")
         if batch_size is not None and batch_size < 1:
@@ -47,15 +42,7 @@ class GradientAveraging(SampledStrategy):
                              f"got {batch_size!r}.")
         if not 0.0 <= server_momentum < 1.0:
             raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum!r}.")
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            node_wait_timeout=node_wait_timeout,
-            seed=seed,
-        )
+        super().__init__(**sampling)
         self.server_lr = float(server_lr)
         self.server_momentum = float(server_momentum)
         self.weighted = bool(weighted)
