@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
@@ -21,8 +22,8 @@ from fl_app import training
 from fl_app.config import compose, overrides_from_run_config, to_yaml
 from fl_app.data import load_dataset
 from fl_app.models import get_weights, num_parameters, set_weights
+from fl_app.records import from_array_record, to_array_record
 from fl_app.strategies import NotEnoughClientsError, PrivacyBudgetExhausted
-from fl_app.strategies.base import from_array_record, to_array_record
 
 app = ServerApp()
 
@@ -71,19 +72,30 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
             stop_reason = str(err)
             log(WARNING, "fl_app: stopping before round %d: %s", rnd, err)
             break
+        messages = expire_with_round(messages, cfg.round_timeout)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         _fail_if_all_failed(rnd, replies)
-        new, train_metrics = strategy.aggregate_train(rnd, replies)
+        lost = lost_nodes(rnd, messages, replies)
+        # DPNoise samples by coin flips and has no minimum: only plain strategies enforce one.
+        minimum = getattr(strategy, "min_train_nodes", 0)
+        if len(messages) - len(lost) < minimum:
+            log(WARNING, "[round %d] only %d of %d sampled clients replied, below "
+                "min_clients=%d: global model unchanged", rnd, len(messages) - len(lost),
+                len(messages), minimum)
+            new, train_metrics = None, None
+        else:
+            new, train_metrics = strategy.aggregate_train(rnd, replies)
         if new is None:
             log(WARNING, "[round %d] no usable client update: global model unchanged", rnd)
         else:
             weights = from_array_record(new)
-        row = {"round": rnd, "clients": len(replies),
+        row = {"round": rnd, "sampled": len(messages), "lost_nodes": lost,
                **{f"train_{k}": v for k, v in dict(train_metrics or {}).items()}}
         if cfg.fraction_evaluate > 0:
+            eval_messages = strategy.configure_evaluate(rnd, to_array_record(weights),
+                                                        ConfigRecord(), grid)
             eval_replies = grid.send_and_receive(
-                strategy.configure_evaluate(rnd, to_array_record(weights), ConfigRecord(), grid),
-                timeout=cfg.round_timeout)
+                expire_with_round(eval_messages, cfg.round_timeout), timeout=cfg.round_timeout)
             eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
             row |= {f"client_{k}": v for k, v in dict(eval_metrics or {}).items()}
         row["test_loss"], row["test_accuracy"] = central_eval(weights)
@@ -132,6 +144,28 @@ def wait_for_clients(grid: Grid, cfg: DictConfig) -> int:
     return connected
 
 
+def expire_with_round(messages: Iterable[Message], round_timeout: float) -> list[Message]:
+    """Give each message the round's lifetime instead of Flower's default 12 hours.
+
+    A SuperNode that was away would otherwise work through a backlog of stale rounds after it
+    rejoins and answer every current round too late.
+    """
+    messages = list(messages)
+    for message in messages:
+        message.metadata.ttl = float(round_timeout)
+    return messages
+
+
+def lost_nodes(rnd: int, messages: list[Message], replies: list[Message]) -> list[int]:
+    """Sampled nodes that sent no usable reply this round (gone, timed out, or failed)."""
+    answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
+    lost = sorted({m.metadata.dst_node_id for m in messages} - answered)
+    if lost:
+        log(WARNING, "[round %d] lost %d of %d sampled node(s): %s (no reply, an error reply, "
+            "or past round_timeout)", rnd, len(lost), len(messages), lost)
+    return lost
+
+
 def progress_line(row: dict, num_rounds: int, started: float) -> str:
     rnd = row["round"]
     eta = (time.time() - started) / rnd * (num_rounds - rnd)
@@ -141,6 +175,8 @@ def progress_line(row: dict, num_rounds: int, started: float) -> str:
         parts.append(f"train loss {row['train_train_loss']:.4f}")
     if "train_epsilon" in row:
         parts.append(f"ε {row['train_epsilon']:.3f} (δ={row['train_delta']:.1e})")
+    if row.get("lost_nodes"):
+        parts.append(f"lost {len(row['lost_nodes'])}/{row['sampled']} nodes")
     parts += [f"{row['seconds']:.2f} s", f"ETA {eta:.0f} s"]
     return " | ".join(parts)
 

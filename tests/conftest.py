@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 
 import pytest
-from processes import pids_with_cmdline, stop
 
+from fl_app.processes import pids_with_cmdline, stop
 from fl_app.runner import flwr_env
 
 

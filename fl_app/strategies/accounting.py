@@ -5,6 +5,12 @@ round independently with probability q (Poisson sampling), each client's update 
 norm C and Gaussian noise N(0, sigma^2 C^2) is added to the sum. Neighbouring federations differ
 by adding or removing one client's whole data (user-level privacy). `dp_accounting`'s Renyi-DP
 accountant turns `rounds` such releases into an (epsilon, delta) guarantee.
+
+Adaptive clipping (Andrew et al. 2019) releases a second noised quantity each round, the count of
+clients whose update norm was <= C. Both are Gaussian mechanisms on the same sampled clients, so
+together they are one Gaussian mechanism whose noise multiplier `combined_noise_multiplier` gives;
+`update_noise_multiplier` inverts that to keep the accounted multiplier at the configured one.
+Local DP (`fl_app.privacy.LocalDP`) reuses `epsilon_spent` with q = 1 for each client's releases.
 """
 
 import logging
@@ -12,9 +18,6 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-
-import dp_accounting
-from dp_accounting import dp_event, rdp
 
 
 def _check_inputs(noise_multiplier: float, sample_rate: float, delta: float) -> None:
@@ -57,6 +60,11 @@ def _quiet_absl() -> Iterator[None]:
 # then the reported epsilon); one RDP evaluation can take ~0.1 s, so remember recent answers.
 @lru_cache(maxsize=1024)
 def _epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
+    # Imported here: dp_accounting pulls in scipy (~1 s), and a ClientApp process started
+    # for one message should not pay that unless it accounts.
+    import dp_accounting
+    from dp_accounting import dp_event, rdp
+
     accountant = rdp.RdpAccountant(
         neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     )
@@ -109,3 +117,32 @@ def rounds_within_budget(
         else:
             high = mid - 1
     return low
+
+
+def combined_noise_multiplier(update_noise_multiplier: float, clipped_count_stddev: float) -> float:
+    """Noise multiplier of (noised update sum, noised unclipped count) released together.
+
+    The update sum has sensitivity C and noise std z_u * C; the count of centred bits
+    (b - 1/2) has sensitivity 1/2 and noise std sigma_b, i.e. multiplier 2 sigma_b. Two Gaussian
+    mechanisms on the same data compose into one with z = (z_u^-2 + (2 sigma_b)^-2)^-1/2
+    (Andrew et al. 2019, Thm. 1; Mironov et al. 2019, Sec. 3).
+    """
+    return (update_noise_multiplier ** -2 + (2 * clipped_count_stddev) ** -2) ** -0.5
+
+
+def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float) -> float:
+    """The update's multiplier z_u = (z^-2 - (2 sigma_b)^-2)^-1/2 that keeps the total at z.
+
+    Raises ValueError when the count's noise alone already spends the budget of z
+    (2 sigma_b <= z): then no amount of update noise can reach z.
+    """
+    remaining = noise_multiplier ** -2 - (2 * clipped_count_stddev) ** -2
+    if not math.isfinite(remaining) or remaining <= 0:
+        raise ValueError(
+            f"clipped_count_stddev = {clipped_count_stddev:g} is too small for "
+            f"noise_multiplier = {noise_multiplier:g}: adaptive clipping needs "
+            "2 * clipped_count_stddev > noise_multiplier, since the noised count costs privacy "
+            f"too. Raise clipped_count_stddev above {noise_multiplier / 2:g} (Andrew et al. "
+            "suggest expected clients per round / 20), or leave it null for the default."
+        )
+    return remaining ** -0.5

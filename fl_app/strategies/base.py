@@ -24,7 +24,6 @@ from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -36,7 +35,13 @@ from flwr.common.logger import log
 from flwr.serverapp.grid import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fl_app.records import from_array_record, to_array_record
+
 NUM_EXAMPLES = "num-examples"
+
+# Client-side privacy: each client reports its own epsilon, which only grows. A mean over the
+# round's clients hides the worst one, so the largest value seen so far is recorded as <key>_max.
+CLIENT_EPSILONS = ("local_epsilon", "dpsgd_epsilon")
 
 # Separate random streams so that changing evaluation sampling never changes training sampling.
 _TRAIN_STREAM = 0
@@ -51,25 +56,20 @@ class BadReply(ValueError):
     """A client reply that cannot be aggregated; the message is the reason."""
 
 
-def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    """Pack named numpy arrays into an ArrayRecord, keeping the names (state_dict keys)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Unpack an ArrayRecord into named numpy arrays."""
-    return {k: v.numpy() for k, v in record.items()}
-
-
 def _float_dtype(dtype: np.dtype) -> np.dtype:
     """Dtype to compute in: float32 stays float32 (half the memory), ints/float64 -> float64."""
     return np.result_type(dtype, np.float32)
 
 
 class MetricAverager:
-    """Example-weighted running mean of the clients' scalar metrics (no list of replies kept)."""
+    """Example-weighted running mean of the clients' scalar metrics (no list of replies kept).
 
-    def __init__(self) -> None:
+    `running_max`, when given, is a dict that outlives the round: the largest value of each
+    `CLIENT_EPSILONS` metric seen so far is kept in it and reported as `<key>_max`.
+    """
+
+    def __init__(self, running_max: dict[str, float] | None = None) -> None:
+        self.running_max = running_max
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
         self.num_clients = 0
@@ -84,10 +84,13 @@ class MetricAverager:
                 continue
             self.sums[key] = self.sums.get(key, 0.0) + num_examples * float(value)
             self.weights[key] = self.weights.get(key, 0.0) + num_examples
+            if self.running_max is not None and key in CLIENT_EPSILONS:
+                self.running_max[key] = max(self.running_max.get(key, 0.0), float(value))
 
     def record(self) -> MetricRecord:
         """The averages so far, plus the total num-examples and the num-clients seen."""
         averages = {key: self.sums[key] / self.weights[key] for key in self.sums}
+        averages |= {f"{key}_max": value for key, value in (self.running_max or {}).items()}
         total = self.num_examples
         num_examples = int(total) if total.is_integer() else total
         return MetricRecord(
@@ -139,6 +142,8 @@ class SampledStrategy(FedAvg):
         self.seed = int(seed)
         self.current: dict[str, np.ndarray] | None = None
         self.last_dropped: list[str] = []
+        # The largest epsilon each kind of client-side DP has reported (see CLIENT_EPSILONS).
+        self.client_epsilon_max: dict[str, float] = {}
         # The dtypes the global model arrived in: the new model is sent back in the same ones.
         self._dtypes: dict[str, np.dtype] = {}
 
@@ -346,7 +351,7 @@ class SampledStrategy(FedAvg):
         current = self._require_current()
         sums = {k: np.zeros_like(v) for k, v in current.items()}
         total_weight = 0.0
-        averager = MetricAverager()
+        averager = MetricAverager(self.client_epsilon_max)
         for arrays, num_examples, metrics in self.iter_valid_updates(server_round, replies):
             weight = num_examples if self.weighted else 1.0
             for key, acc in sums.items():

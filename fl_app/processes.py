@@ -1,4 +1,4 @@
-"""Find and stop, by PID, the processes a test started (and everything they spawned)."""
+"""Find and stop, by PID, the processes we started and everything they spawned."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Real deployment helpers: credentials, and a local federation of SuperLink + SuperNodes."""

@@ -1,0 +1,192 @@
+"""A real federation on this machine: one SuperLink and N SuperNodes as separate processes.
+
+The same processes, flags and files a multi-machine deployment uses (TLS, SuperNode
+authentication, one data partition per SuperNode), on loopback. Used by
+`scripts/local_federation.py` and by the deployment tests; every process it starts is
+stopped by PID.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from fl_app.deploy.credentials import make_supernode_keys, make_tls
+from fl_app.processes import stop
+from fl_app.runner import RunResult, flwr_env, flwr_run, run_status
+
+CONNECTION = "fl-app-local"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalFederation:
+    """SuperLink + SuperNodes under `workdir` (credentials, FLWR_HOME, logs, outputs)."""
+
+    def __init__(self, workdir: Path, num_supernodes: int = 3, tls: bool = True,
+                 auth: bool = True, env: dict[str, str] | None = None,
+                 superlink_cwd: Path | None = None) -> None:
+        if auth and not tls:
+            raise ValueError("SuperNode authentication needs TLS: Flower refuses it otherwise.")
+        self.workdir = Path(workdir).resolve()
+        self.num_supernodes, self.tls, self.auth = num_supernodes, tls, auth
+        self.creds, self.logs = self.workdir / "credentials", self.workdir / "logs"
+        for folder in (self.creds, self.logs):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.superlink_cwd = superlink_cwd or self.workdir
+        self.env = flwr_env({"FLWR_HOME": str(self.workdir / "flwr-home"), **(env or {})})
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.log_offsets: dict[str, int] = {}  # where each process's latest start begins
+
+    # -- credentials and CLI configuration -------------------------------------------------
+    def write_credentials(self) -> None:
+        if self.tls and not (self.creds / "ca.crt").exists():
+            make_tls(self.creds, ["127.0.0.1", "localhost"])
+        if self.auth and not (self.creds / "supernode-0.key").exists():
+            make_supernode_keys(self.creds, self.num_supernodes)
+        home = Path(self.env["FLWR_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        security = (f'root-certificates = "{self.creds / "ca.crt"}"' if self.tls
+                    else "insecure = true")
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{self.address}"\n{security}\n')
+
+    # -- processes -------------------------------------------------------------------------
+    def _spawn(self, name: str, cmd: list[str], cwd: Path | None = None) -> subprocess.Popen:
+        path = self.logs / f"{name}.log"
+        self.log_offsets[name] = path.stat().st_size if path.exists() else 0
+        log = path.open("ab")
+        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=cwd or self.workdir, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_superlink(self) -> None:
+        cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
+               "--database", str(self.workdir / "superlink.db"),
+               "--disable-runtime-dependency-installation"]
+        if self.tls:
+            cmd += ["--ssl-ca-certfile", str(self.creds / "ca.crt"),
+                    "--ssl-certfile", str(self.creds / "server.pem"),
+                    "--ssl-keyfile", str(self.creds / "server.key")]
+        else:
+            cmd += ["--insecure"]
+        if self.auth:
+            cmd += ["--enable-supernode-auth"]
+        self._spawn("superlink", cmd, cwd=self.superlink_cwd)
+        self._wait_for_port(self.port, "superlink")
+
+    def register(self, public_key: Path) -> subprocess.CompletedProcess:
+        """Authorize a SuperNode's public key with the SuperLink (`flwr supernode register`)."""
+        return subprocess.run(["flwr", "supernode", "register", str(public_key), CONNECTION],
+                              env=self.env, capture_output=True, text=True, timeout=60)
+
+    def supernode_cmd(self, index: int, key: Path | None = None) -> list[str]:
+        cmd = ["flower-supernode", "--superlink", self.address,
+               "--port", str(free_port()), "--max-wait-time", "30",
+               "--node-config",
+               f"partition-id={index} num-partitions={self.num_supernodes}"]
+        cmd += (["--root-certificates", str(self.creds / "ca.crt")] if self.tls
+                else ["--insecure"])
+        key = key or (self.creds / f"supernode-{index}.key" if self.auth else None)
+        if key:
+            cmd += ["--auth-supernode-private-key", str(key)]
+        return cmd
+
+    def start_supernode(self, index: int, key: Path | None = None) -> subprocess.Popen:
+        return self._spawn(f"supernode-{index}", self.supernode_cmd(index, key))
+
+    def restart_supernode(self, index: int, timeout: float = 120) -> subprocess.Popen:
+        """Start a SuperNode again until the SuperLink lets it back in.
+
+        The SuperLink refuses to activate a node whose previous session it still counts as
+        online (until two heartbeats, up to ~60 s, are missed), and the SuperNode then exits:
+        retry, as a supervisor (systemd's Restart=on-failure) would.
+        """
+        deadline = time.time() + timeout
+        while True:
+            proc = self.start_supernode(index)
+            while proc.poll() is None and self.supernode_state(index) == "starting":
+                time.sleep(0.5)
+            if self.supernode_state(index) == "joined":
+                return proc
+            self.kill(f"supernode-{index}")  # its SuperExec child outlives a refused start
+            if time.time() > deadline:
+                raise RuntimeError(f"supernode-{index} could not rejoin within {timeout} s")
+            time.sleep(2)
+
+    def supernode_state(self, index: int) -> str:
+        """'joined', 'refused' or 'starting', from the log of the SuperNode's latest start."""
+        name = f"supernode-{index}"
+        with (self.logs / f"{name}.log").open("rb") as f:
+            f.seek(self.log_offsets.get(name, 0))
+            log = f.read().decode(errors="replace")
+        if "SuperNode ID" in log:
+            return "joined"
+        return "refused" if "Exit Code" in log else "starting"
+
+    def start(self) -> LocalFederation:
+        """Credentials, SuperLink, key registration, every SuperNode: ready for `run`."""
+        self.write_credentials()
+        self.start_superlink()
+        if self.auth:
+            for i in range(self.num_supernodes):
+                result = self.register(self.creds / f"supernode-{i}.pub")
+                if result.returncode != 0:
+                    raise RuntimeError(f"Registering supernode-{i} failed: "
+                                       f"{result.stdout}{result.stderr}")
+        for i in range(self.num_supernodes):
+            self.start_supernode(i)
+        return self
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        _stop_tree(proc, grace=0)
+
+    def stop(self) -> None:
+        """Stop every process started here, SuperNodes first, each with its children."""
+        for name in sorted(self.procs, key=lambda n: n == "superlink"):
+            _stop_tree(self.procs[name], grace=10)
+        self.procs.clear()
+
+    def __enter__(self) -> LocalFederation:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- runs ------------------------------------------------------------------------------
+    def run(self, run_config_file: Path, echo: bool = False,
+            timeout: float | None = None) -> RunResult:
+        return flwr_run(run_config_file, 0, self.env, superlink=CONNECTION, echo=echo,
+                        timeout=timeout)
+
+    def status(self, run_id: int) -> str:
+        return run_status(run_id, self.env, CONNECTION)
+
+    def _wait_for_port(self, port: int, name: str, timeout: float = 30) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.procs[name].returncode}; see "
+                                   f"{self.logs / (name + '.log')}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} did not open port {port} within {timeout} s")
+
+
+def _stop_tree(proc: subprocess.Popen, grace: float) -> None:
+    """Stop the process and everything it spawned, by PID, then reap it."""
+    stop([proc.pid], grace=grace)
+    proc.wait(timeout=5)
