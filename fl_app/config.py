@@ -1,12 +1,13 @@
 """The one place that turns a run config or command-line overrides into a composed DictConfig.
 
 `flwr run` hands the apps a flat run config (`strategy`, `model`, `dataset`, `partitioner`,
-`overrides`); `fl-app` hands Hydra's own overrides. Both end in `compose()`, so every entry point
-validates names and overrides the same way and fails with the same clear messages.
+`privacy`, `overrides`); `fl-app` hands Hydra's own overrides. Both end in `compose()`, so every
+entry point validates names and overrides the same way and fails with the same clear messages.
 """
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("strategy", "model", "dataset", "partitioner")
+GROUPS = ("strategy", "model", "dataset", "partitioner", "privacy")
 
 
 class ConfigError(ValueError):
@@ -82,15 +83,78 @@ def check(cfg: DictConfig) -> None:
         ("batch_size", cfg.batch_size is None or cfg.batch_size >= 1, "null (full set) or >= 1"),
         ("lr", cfg.lr > 0, "> 0"),
         ("val_fraction", 0 <= cfg.val_fraction < 1, "in [0, 1)"),
+        *_privacy_rules(cfg),
     ]
     for key, ok, expected in rules:
         if not ok:
-            raise ConfigError(f"{key}={cfg[key]} is invalid: it must be {expected}.")
+            raise ConfigError(
+                f"{key}={OmegaConf.select(cfg, key)} is invalid: it must be {expected}.")
     if cfg.num_clients is not None and cfg.min_clients > cfg.num_clients:
         raise ConfigError(
             f"min_clients={cfg.min_clients} exceeds num_clients={cfg.num_clients}: "
             "lower min_clients or add clients."
         )
+
+
+def _privacy_rules(cfg: DictConfig) -> list[tuple[str, bool, str]]:
+    """Rules for central DP (a strategy with noise_multiplier) and the `privacy` group.
+
+    Checked at compose time so a bad privacy setting fails before any client trains; the
+    strategy and the clients check the same again when they are built.
+    """
+    def num(key: str) -> float:
+        value = OmegaConf.select(cfg, key)
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return float(value) if ok else math.nan
+
+    def delta_rules(prefix: str, may_be_null: bool) -> list[tuple[str, bool, str]]:
+        delta, key = OmegaConf.select(cfg, f"{prefix}.delta"), f"{prefix}.delta"
+        if delta is None and may_be_null:
+            return []
+        rules = [(key, 0 < num(key) < 1, "strictly between 0 and 1, well below 1/num_clients")]
+        if cfg.num_clients and rules[0][1]:
+            rules.append((key, num(key) < 1 / cfg.num_clients,
+                          f"below 1/num_clients = {1 / cfg.num_clients:g}, e.g. "
+                          f"{1 / (10 * cfg.num_clients):g} (a larger delta lets a mechanism "
+                          "publish one client's data outright)"))
+        return rules
+
+    no_noise = "> 0 (without noise there is no differential privacy)"
+    rules: list[tuple[str, bool, str]] = []
+    if "noise_multiplier" in cfg.strategy:  # central DP: DPNoise
+        rules += [
+            ("strategy.noise_multiplier", num("strategy.noise_multiplier") > 0, no_noise),
+            ("strategy.clip_norm", num("strategy.clip_norm") > 0, "> 0"),
+            *delta_rules("strategy", may_be_null=True),
+            ("strategy.max_epsilon", cfg.strategy.get("max_epsilon") is None
+             or num("strategy.max_epsilon") > 0, "null (no budget) or > 0"),
+            ("strategy.clipping", cfg.strategy.get("clipping", "fixed") in ("fixed", "adaptive"),
+             "fixed or adaptive"),
+            ("strategy.target_quantile", 0 < num("strategy.target_quantile") < 1
+             if "target_quantile" in cfg.strategy else True, "in (0, 1)"),
+            ("strategy.clip_lr", num("strategy.clip_lr") > 0
+             if "clip_lr" in cfg.strategy else True, "> 0"),
+            ("strategy.clipped_count_stddev", cfg.strategy.get("clipped_count_stddev") is None
+             or num("strategy.clipped_count_stddev") > num("strategy.noise_multiplier") / 2,
+             "null (default) or > noise_multiplier / 2 (the noised count costs privacy too)"),
+        ]
+    name = cfg.privacy.get("name", "none")
+    rules.append(("privacy.name", name in ("none", "local", "dpsgd"), "none, local or dpsgd"))
+    if name == "local":
+        rules += [("privacy.noise_multiplier", num("privacy.noise_multiplier") > 0, no_noise),
+                  ("privacy.clip_norm", num("privacy.clip_norm") > 0, "> 0"),
+                  *delta_rules("privacy", may_be_null=False)]
+    if name == "dpsgd":
+        targets = {str(OmegaConf.select(cfg, k)) for k in ("strategy._target_",
+                                                           "strategy.strategy._target_")}
+        rules += [("privacy.noise_multiplier", num("privacy.noise_multiplier") > 0, no_noise),
+                  ("privacy.max_grad_norm", num("privacy.max_grad_norm") > 0, "> 0"),
+                  ("privacy.delta", 0 < num("privacy.delta") < 1,
+                   "strictly between 0 and 1, well below 1/(examples per client)"),
+                  ("privacy.name", not any(t.endswith("GradientAveraging") for t in targets),
+                   "local or none with a FedSGD strategy: DP-SGD trains locally, so it needs "
+                   "strategy=fedavg or dp_fedavg")]
+    return rules
 
 
 def to_yaml(cfg: DictConfig) -> str:

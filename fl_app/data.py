@@ -193,15 +193,37 @@ def _partition(cfg_yaml: str, labels: tuple[int, ...], num_partitions: int) -> l
     return parts
 
 
+def local_data(cfg: DictConfig, folder: str | Path, seed_id: int = 0) -> ClientData:
+    """A SuperNode's own data: `folder/train.npz` with raw images `x` and labels `y`, in the
+    configured dataset's format (as `python -m fl_app.deploy.partitions` writes them)."""
+    path = Path(folder).expanduser() / "train.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"No {path}: a SuperNode's data-dir must hold train.npz with "
+                                "arrays x (raw images) and y (labels).")
+    with np.load(path) as f:
+        x, y = f["x"], f["y"]
+    shape = tuple(cfg.dataset.input_shape)
+    if x.size != len(y) * int(np.prod(shape)):
+        raise ValueError(f"{path}: x has shape {x.shape}, which is not {len(y)} images of "
+                         f"{shape} for dataset={cfg.dataset.name}.")
+    x_all = _images(x, shape, *NORMALIZATION[cfg.dataset.name])
+    y_all = torch.as_tensor(y, dtype=torch.int64)
+    return _holdout_client(cfg, x_all, y_all, np.arange(len(y)), seed_id)
+
+
 def client_data(cfg: DictConfig, partition_id: int, num_partitions: int) -> ClientData:
     """One client's local training and held-out split."""
     split = load_dataset(cfg.dataset)
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}.")
     idx = partition(split.y_train.numpy(), cfg.partitioner, num_partitions)[partition_id]
-    rng = np.random.default_rng([cfg.seed, partition_id])
-    idx = rng.permutation(idx)
+    return _holdout_client(cfg, split.x_train, split.y_train, idx, partition_id)
+
+
+def _holdout_client(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray,
+                    seed_id: int) -> ClientData:
+    """Split a client's examples `idx` into training and a seeded held-out part."""
+    idx = np.random.default_rng([cfg.seed, seed_id]).permutation(idx)
     n_val = int(len(idx) * cfg.val_fraction)
     val, train = torch.from_numpy(idx[:n_val]), torch.from_numpy(idx[n_val:])
-    return ClientData(split.x_train[train], split.y_train[train],
-                      split.x_train[val], split.y_train[val])
+    return ClientData(x[train], y[train], x[val], y[val])

@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from fl_app.config import compose
 from fl_app.data import DatasetUnavailable, client_data, load_dataset, partition
@@ -82,3 +83,15 @@ def test_client_data_holds_out_a_validation_split_from_its_partition():
     assert len(data.y_val) == int((len(data.y_val) + len(data.y_train)) * 0.2)
     with pytest.raises(ValueError, match="partition-id 4 is outside 0..3"):
         client_data(cfg, partition_id=4, num_partitions=4)
+
+
+def test_exported_partition_folder_gives_a_supernode_the_same_examples(tmp_path):
+    from fl_app.data import local_data
+    from fl_app.deploy.partitions import export
+
+    cfg = compose(["dataset=digits"])
+    folder = export(tmp_path, 3, ["dataset=digits"])[1]
+    own, shared = local_data(cfg, folder, seed_id=1), client_data(cfg, 1, 3)
+    assert torch.equal(own.x_train, shared.x_train) and torch.equal(own.y_val, shared.y_val)
+    with pytest.raises(FileNotFoundError, match="must hold train.npz"):
+        local_data(cfg, tmp_path / "nowhere")

@@ -15,6 +15,7 @@ import torch
 
 from fl_app.deploy.credentials import make_supernode_keys
 from fl_app.deploy.federation import LocalFederation
+from fl_app.deploy.partitions import export
 from fl_app.processes import alive
 from fl_app.runner import toml_run_config
 
@@ -29,7 +30,11 @@ def federation(tmp_path_factory):
     work = tmp_path_factory.mktemp("federation")
     superlink_cwd = work / "superlink-cwd"
     superlink_cwd.mkdir()
-    fed = LocalFederation(work, num_supernodes=3, env=FAST, superlink_cwd=superlink_cwd)
+    # SuperNode 2 holds its own data folder instead of a partition id: both ways a real
+    # deployment gives each machine its data.
+    own_data = export(work / "data", 3, ["dataset=digits"])[2]
+    fed = LocalFederation(work, num_supernodes=3, env=FAST, superlink_cwd=superlink_cwd,
+                          data_dirs={2: own_data})
     fed.start()
     pids = [p.pid for p in fed.procs.values()]
     yield fed

@@ -31,7 +31,8 @@ class LocalFederation:
 
     def __init__(self, workdir: Path, num_supernodes: int = 3, tls: bool = True,
                  auth: bool = True, env: dict[str, str] | None = None,
-                 superlink_cwd: Path | None = None) -> None:
+                 superlink_cwd: Path | None = None,
+                 data_dirs: dict[int, Path] | None = None) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS: Flower refuses it otherwise.")
         self.workdir = Path(workdir).resolve()
@@ -43,6 +44,7 @@ class LocalFederation:
         self.address = f"127.0.0.1:{self.port}"
         self.superlink_cwd = superlink_cwd or self.workdir
         self.env = flwr_env({"FLWR_HOME": str(self.workdir / "flwr-home"), **(env or {})})
+        self.data_dirs = data_dirs or {}  # SuperNodes that hold their own data folder
         self.procs: dict[str, subprocess.Popen] = {}
         self.log_offsets: dict[str, int] = {}  # where each process's latest start begins
 
@@ -91,10 +93,10 @@ class LocalFederation:
                               env=self.env, capture_output=True, text=True, timeout=60)
 
     def supernode_cmd(self, index: int, key: Path | None = None) -> list[str]:
-        cmd = ["flower-supernode", "--superlink", self.address,
-               "--port", str(free_port()), "--max-wait-time", "30",
-               "--node-config",
-               f"partition-id={index} num-partitions={self.num_supernodes}"]
+        data = (f'data-dir="{self.data_dirs[index]}"' if index in self.data_dirs
+                else f"partition-id={index} num-partitions={self.num_supernodes}")
+        cmd = ["flower-supernode", "--superlink", self.address, "--port", str(free_port()),
+               "--max-wait-time", "30", "--node-config", data]
         cmd += (["--root-certificates", str(self.creds / "ca.crt")] if self.tls
                 else ["--insecure"])
         key = key or (self.creds / f"supernode-{index}.key" if self.auth else None)

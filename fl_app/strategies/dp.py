@@ -9,6 +9,12 @@ removing one client changes the sum by at most C, and the fixed denominator mean
 replies itself reveals nothing, so every round is exactly the sampled Gaussian mechanism that
 `accounting.epsilon_spent` accounts for.
 
+With `clipping="adaptive"` C is not fixed: it follows a target quantile of the update norms
+(Andrew et al. 2019, `adaptive_clipping.py`) from a noised count of unclipped clients that is
+released every round too. `noise_multiplier` is then the multiplier of the two releases together,
+the one the accountant is given; the update's own noise is raised to
+(sigma^-2 - (2 sigma_b)^-2)^-1/2 so that the pair costs exactly that.
+
 The server is trusted (central DP): it sees individual updates; what is protected is everything
 released from it (the global models). The aggregated client metrics it logs (train loss, ...)
 are not noised and are not covered by the guarantee.
@@ -24,10 +30,13 @@ from flwr.common.logger import log
 from flwr.serverapp.grid import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_app.strategies.accounting import epsilon_spent
+from fl_app.strategies.accounting import epsilon_spent, update_noise_multiplier
+from fl_app.strategies.adaptive_clipping import QuantileClipNorm
 from fl_app.strategies.base import MetricAverager, SampledStrategy
 
 _ROUNDS_DONE = "dp.rounds-done"
+_CLIP_NORM = "dp.clip-norm"
+CLIPPING_MODES = ("fixed", "adaptive")
 _INNER = "inner."
 
 
@@ -52,20 +61,26 @@ def clip_to_norm(
 
 
 class DPNoise(Strategy):
-    """User-level central DP with fixed clipping and Poisson sampling around a SampledStrategy.
+    """User-level central DP with fixed or adaptive clipping and Poisson sampling.
 
     Parameters
     ----------
     strategy : the inner strategy (WeightedFedAvg or GradientAveraging). Its `fraction_train`
         is the sampling probability q; its `seed` seeds the sampling.
-    clip_norm : C, the L2 bound on each client's whole update.
-    noise_multiplier : sigma; the noise std on the sum is sigma * C.
+    clip_norm : C, the L2 bound on each client's whole update (the initial C when adaptive).
+    noise_multiplier : sigma, what the accountant is given; the noise std on the sum is
+        sigma * C (fixed clipping) or sigma_u * C with the larger sigma_u (adaptive).
     num_clients : the population size N the sampling draws from (the number of SuperNodes).
     delta : the DP delta; default 1 / (10 N). Must be below 1 / N.
     max_epsilon : optional budget; `configure_train` raises `PrivacyBudgetExhausted` before a
         round that would exceed it.
     noise_seed : seed of the noise RNG. Leave it None (OS entropy) for real privacy: a known
         seed lets anyone regenerate and subtract the noise. Set it only for tests.
+    clipping : "fixed" (C stays clip_norm) or "adaptive" (Andrew et al. 2019).
+    target_quantile, clip_lr : adaptive only: gamma, the fraction of updates to leave
+        unclipped, and eta, the step of the geometric update C <- C exp(-eta (b~ - gamma)).
+    clipped_count_stddev : adaptive only: sigma_b, the noise std on the count of unclipped
+        clients; default max(m / 20, sigma) with m = q * num_clients (Andrew et al.: m / 20).
     """
 
     def __init__(
@@ -77,6 +92,10 @@ class DPNoise(Strategy):
         delta: float | None = None,
         max_epsilon: float | None = None,
         noise_seed: int | None = None,
+        clipping: str = "fixed",
+        target_quantile: float = 0.5,
+        clip_lr: float = 0.2,
+        clipped_count_stddev: float | None = None,
     ) -> None:
         if not isinstance(strategy, SampledStrategy):
             raise TypeError(
@@ -132,6 +151,20 @@ class DPNoise(Strategy):
         self.rounds_done = 0
         self.epsilon = 0.0
         self._noise_rng = np.random.default_rng(noise_seed)
+        if clipping not in CLIPPING_MODES:
+            raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}.")
+        self.clipping = clipping
+        self.adaptive_clip: QuantileClipNorm | None = None
+        # The multiplier of the update's noise: sigma itself, unless the count shares the budget.
+        self.update_noise_multiplier = self.noise_multiplier
+        if clipping == "adaptive":
+            if clipped_count_stddev is None:
+                clipped_count_stddev = max(self.expected_clients / 20, self.noise_multiplier)
+            self.adaptive_clip = QuantileClipNorm(
+                self.clip_norm, target_quantile, clip_lr, clipped_count_stddev,
+                self.expected_clients, self._noise_rng)
+            self.update_noise_multiplier = update_noise_multiplier(
+                self.noise_multiplier, clipped_count_stddev)
 
     @property
     def expected_clients(self) -> float:
@@ -188,22 +221,24 @@ class DPNoise(Strategy):
         """Clip each update, sum, add N(0, sigma^2 C^2) noise, divide by q*N, apply.
 
         The noisy update is released even when no client replied: the round still counts
-        in the accounting, and skipping it would reveal that nobody took part.
+        in the accounting, and skipping it would reveal that nobody took part. With adaptive
+        clipping the noised fraction of unclipped updates then moves C for the next round.
         """
         current = self.inner.current
         if current is None:
             raise RuntimeError("DPNoise.aggregate_train called before configure_train.")
+        clip = self.clip_norm  # this round's C (adaptive clipping changes it afterwards)
         total = {k: np.zeros_like(v) for k, v in current.items()}
-        averager = MetricAverager()
+        averager = MetricAverager(self.inner.client_epsilon_max)
         num_clipped = 0
         for arrays, num_examples, metrics in self.inner.iter_valid_updates(server_round, replies):
-            clipped, was_clipped = clip_to_norm(self.inner.client_update(arrays), self.clip_norm)
+            clipped, was_clipped = clip_to_norm(self.inner.client_update(arrays), clip)
             num_clipped += int(was_clipped)
             for key, acc in total.items():
                 acc += clipped[key]
             averager.add(num_examples, metrics)
 
-        noise_std = self.noise_multiplier * self.clip_norm
+        noise_std = self.update_noise_multiplier * clip
         for acc in total.values():
             acc += self._noise_rng.normal(0.0, noise_std, size=acc.shape)
             acc /= self.expected_clients
@@ -216,8 +251,15 @@ class DPNoise(Strategy):
         metrics_out["num-clipped"] = num_clipped
         metrics_out["epsilon"] = self.epsilon
         metrics_out["delta"] = self.delta
-        metrics_out["clip-norm"] = self.clip_norm
+        metrics_out["clip-norm"] = clip
         metrics_out["noise-multiplier"] = self.noise_multiplier
+        metrics_out["update-noise-multiplier"] = self.update_noise_multiplier
+        if self.adaptive_clip is not None:
+            num_unclipped = averager.num_clients - num_clipped
+            fraction = self.adaptive_clip.update(num_unclipped, averager.num_clients)
+            self.clip_norm = self.adaptive_clip.value
+            metrics_out["unclipped-fraction"] = fraction  # noised: part of the DP release
+            metrics_out["clipped-count-stddev"] = self.adaptive_clip.count_stddev
         log(INFO, "DP round %s: %d update(s), %d clipped; epsilon = %.4g (delta = %g)",
             server_round, averager.num_clients, num_clipped, self.epsilon, self.delta)
         return self.inner.to_record(new_global), metrics_out
@@ -241,16 +283,23 @@ class DPNoise(Strategy):
             "noise_multiplier=%g, q=%g, num_clients=%d, delta=%g, max_epsilon=%s",
             self.clip_norm, self.noise_multiplier, self.sample_rate, self.num_clients,
             self.delta, self.max_epsilon)
+        if self.adaptive_clip is not None:
+            clip = self.adaptive_clip
+            log(INFO, "\t    adaptive clipping: target_quantile=%g, clip_lr=%g, "
+                "clipped_count_stddev=%g, update noise multiplier=%g", clip.target_quantile,
+                clip.learning_rate, clip.count_stddev, self.update_noise_multiplier)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Rounds already released (epsilon follows from them) plus the inner strategy's state."""
-        state = {_ROUNDS_DONE: np.asarray(self.rounds_done)}
+        state = {_ROUNDS_DONE: np.asarray(self.rounds_done), _CLIP_NORM: np.asarray(self.clip_norm)}
         state.update({_INNER + k: v for k, v in self.inner.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore `state_dict` output; epsilon is recomputed from the rounds done."""
         self.rounds_done = int(state[_ROUNDS_DONE])
+        if _CLIP_NORM in state and self.adaptive_clip is not None:
+            self.clip_norm = self.adaptive_clip.value = float(state[_CLIP_NORM])
         self.epsilon = self._epsilon_after(self.rounds_done)
         self.inner.load_state_dict(
             {k[len(_INNER):]: v for k, v in state.items() if k.startswith(_INNER)}

@@ -1,0 +1,50 @@
+"""Write each partition of a dataset to its own folder, for SuperNodes that hold local data.
+
+    python -m fl_app.deploy.partitions OUT --num-partitions 3 [hydra overrides...]
+
+writes OUT/partition-<i>/train.npz (raw images `x`, labels `y`) for i < N, the same split the
+config's partitioner gives in simulation. Copy one folder to each machine and start its
+SuperNode with --node-config 'data-dir="/path/to/partition-<i>"'.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fl_app.config import compose
+from fl_app.data import _embedded, _holdout, partition
+
+
+def export(out: Path, num_partitions: int, overrides: Sequence[str] = ()) -> list[Path]:
+    cfg = compose(list(overrides))
+    if cfg.dataset.name not in ("mnist5k", "digits"):
+        raise ValueError("Exporting supports the embedded datasets (mnist5k, digits); for the "
+                         "torchvision sets, copy their files to each machine instead.")
+    x, y = _embedded(cfg.dataset.name)
+    x_train, y_train, _, _ = _holdout(x, y, cfg.dataset.test_fraction)
+    folders = []
+    for i, idx in enumerate(partition(y_train, cfg.partitioner, num_partitions)):
+        folder = out / f"partition-{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "train.npz", x=x_train[idx], y=y_train[idx])
+        folders.append(folder)
+    return folders
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--num-partitions", type=int, required=True)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (dataset, partitioner)")
+    args = parser.parse_intermixed_args(argv)
+    for folder in export(args.out, args.num_partitions, args.overrides):
+        print(folder.resolve())
+
+
+if __name__ == "__main__":
+    main()

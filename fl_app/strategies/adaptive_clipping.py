@@ -1,0 +1,74 @@
+"""Adaptive clipping for DP-FedAvg (Andrew et al. 2019, "Differentially Private Learning with
+Adaptive Clipping"): the clip norm C follows a target quantile of the clients' update norms.
+
+Each round every sampled client contributes one bit b = [||update|| <= C]. The server releases
+the noised fraction of clients under C,
+
+    b~ = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / m + 1/2,
+
+with m = q * N the expected number of clients (a public constant, like the denominator of the
+noisy mean), and takes a geometric step toward the target quantile gamma:
+
+    C <- C * exp(-eta * (b~ - gamma)).
+
+Too many clients under C (b~ > gamma) shrinks C; too few grows it. Centring the bits gives the
+count sensitivity 1/2, which is what `accounting.combined_noise_multiplier` assumes.
+"""
+
+import math
+
+import numpy as np
+
+
+class QuantileClipNorm:
+    """The clip norm of adaptive clipping and its geometric update from a noised count.
+
+    Parameters
+    ----------
+    initial : C at round 1.
+    target_quantile : gamma in (0, 1): the fraction of clients whose update should be unclipped.
+    learning_rate : eta > 0 of the geometric update (Andrew et al. use 0.2).
+    count_stddev : sigma_b > 0, the noise std on the count of unclipped clients.
+    expected_clients : m = q * N, the fixed denominator of the fraction.
+    rng : the noise source (the DP strategy's OS-entropy generator).
+    """
+
+    def __init__(
+        self,
+        initial: float,
+        target_quantile: float,
+        learning_rate: float,
+        count_stddev: float,
+        expected_clients: float,
+        rng: np.random.Generator,
+    ) -> None:
+        checks = [
+            ("clip_norm", initial, math.isfinite(initial) and initial > 0, "> 0"),
+            ("target_quantile", target_quantile, 0 < target_quantile < 1, "in (0, 1)"),
+            ("clip_lr", learning_rate, math.isfinite(learning_rate) and learning_rate > 0, "> 0"),
+            ("clipped_count_stddev", count_stddev,
+             math.isfinite(count_stddev) and count_stddev > 0, "> 0"),
+            ("expected clients per round (q * num_clients)", expected_clients,
+             expected_clients > 0, "> 0"),
+        ]
+        for name, value, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"Adaptive clipping: {name} must be {expected}, got {value!r}.")
+        self.value = float(initial)
+        self.target_quantile = float(target_quantile)
+        self.learning_rate = float(learning_rate)
+        self.count_stddev = float(count_stddev)
+        self.expected_clients = float(expected_clients)
+        self._rng = rng
+
+    def noisy_unclipped_fraction(self, num_unclipped: int, num_reports: int) -> float:
+        """b~: the DP estimate of the fraction of clients whose update norm was <= C."""
+        centred = num_unclipped - 0.5 * num_reports
+        noisy = centred + self._rng.normal(0.0, self.count_stddev)
+        return noisy / self.expected_clients + 0.5
+
+    def update(self, num_unclipped: int, num_reports: int) -> float:
+        """Step C toward the target quantile; return the released fraction b~."""
+        fraction = self.noisy_unclipped_fraction(num_unclipped, num_reports)
+        self.value *= math.exp(-self.learning_rate * (fraction - self.target_quantile))
+        return fraction
