@@ -15,6 +15,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
@@ -66,38 +67,13 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.time()
         try:
-            messages = strategy.configure_train(rnd, to_array_record(weights),
-                                                ConfigRecord(), grid)
+            weights, row = train_round(grid, strategy, cfg, rnd, weights)
         except PrivacyBudgetExhausted as err:
             stop_reason = str(err)
             log(WARNING, "fl_app: stopping before round %d: %s", rnd, err)
             break
-        messages = expire_with_round(messages, cfg.round_timeout)
-        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-        _fail_if_all_failed(rnd, replies)
-        lost = lost_nodes(rnd, messages, replies)
-        # DPNoise samples by coin flips and has no minimum: only plain strategies enforce one.
-        minimum = getattr(strategy, "min_train_nodes", 0)
-        if len(messages) - len(lost) < minimum:
-            log(WARNING, "[round %d] only %d of %d sampled clients replied, below "
-                "min_clients=%d: global model unchanged", rnd, len(messages) - len(lost),
-                len(messages), minimum)
-            new, train_metrics = None, None
-        else:
-            new, train_metrics = strategy.aggregate_train(rnd, replies)
-        if new is None:
-            log(WARNING, "[round %d] no usable client update: global model unchanged", rnd)
-        else:
-            weights = from_array_record(new)
-        row = {"round": rnd, "sampled": len(messages), "lost_nodes": lost,
-               **{f"train_{k}": v for k, v in dict(train_metrics or {}).items()}}
         if cfg.fraction_evaluate > 0:
-            eval_messages = strategy.configure_evaluate(rnd, to_array_record(weights),
-                                                        ConfigRecord(), grid)
-            eval_replies = grid.send_and_receive(
-                expire_with_round(eval_messages, cfg.round_timeout), timeout=cfg.round_timeout)
-            eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
-            row |= {f"client_{k}": v for k, v in dict(eval_metrics or {}).items()}
+            row |= evaluate_round(grid, strategy, cfg, rnd, weights)
         row["test_loss"], row["test_accuracy"] = central_eval(weights)
         row["seconds"] = time.time() - t0
         history.append(row)
@@ -116,6 +92,39 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
     log(INFO, "fl_app: final test accuracy %.4f after %d rounds (%.1f s); outputs in %s",
         summary["test_accuracy"], summary["rounds"], summary["seconds"], out)
     return summary
+
+
+def train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
+                weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+    """One round of federated training: the new global weights and the round's metrics row."""
+    messages = strategy.configure_train(rnd, to_array_record(weights), ConfigRecord(), grid)
+    messages = expire_with_round(messages, cfg.round_timeout)
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    _fail_if_all_failed(rnd, replies)
+    lost = lost_nodes(rnd, messages, replies)
+    # DPNoise samples by coin flips and has no minimum: only plain strategies enforce one.
+    minimum = getattr(strategy, "min_train_nodes", 0)
+    new, metrics = None, None
+    if len(messages) - len(lost) < minimum:
+        log(WARNING, "[round %d] only %d of %d sampled clients replied, below min_clients=%d",
+            rnd, len(messages) - len(lost), len(messages), minimum)
+    else:
+        new, metrics = strategy.aggregate_train(rnd, replies)
+    if new is None:
+        log(WARNING, "[round %d] no usable client update: global model unchanged", rnd)
+    row = {"round": rnd, "sampled": len(messages), "lost_nodes": lost,
+           **{f"train_{k}": v for k, v in dict(metrics or {}).items()}}
+    return (weights if new is None else from_array_record(new)), row
+
+
+def evaluate_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
+                   weights: dict[str, np.ndarray]) -> dict:
+    """Federated evaluation of the global model on the clients' held-out splits."""
+    messages = strategy.configure_evaluate(rnd, to_array_record(weights), ConfigRecord(), grid)
+    replies = grid.send_and_receive(expire_with_round(messages, cfg.round_timeout),
+                                    timeout=cfg.round_timeout)
+    metrics = strategy.aggregate_evaluate(rnd, replies)
+    return {f"client_{k}": v for k, v in dict(metrics or {}).items()}
 
 
 def output_dir(cfg: DictConfig) -> Path:
