@@ -152,19 +152,30 @@ def partition(labels: np.ndarray, partitioner: DictConfig, num_partitions: int) 
     """
     cfg = OmegaConf.to_yaml(partitioner, resolve=True)
     key = hashlib.sha1(f"{cfg}|{num_partitions}|".encode() + labels.tobytes()).hexdigest()
+    return _stored_partition(key, cfg, labels, num_partitions)
+
+
+_PARTITIONS: dict[str, list[np.ndarray]] = {}  # in-process: one disk read per process
+
+
+def _stored_partition(key: str, cfg: str, labels: np.ndarray,
+                      num_partitions: int) -> list[np.ndarray]:
+    if key in _PARTITIONS:
+        return _PARTITIONS[key]
     path = cache_dir() / "partitions" / f"{key[:20]}.npz"
     if path.exists():
         with np.load(path) as f:
-            return [f[f"p{i}"] for i in range(num_partitions)]
-    parts = _partition(cfg, tuple(labels.tolist()), num_partitions)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.npz")
-    np.savez(tmp, **{f"p{i}": p for i, p in enumerate(parts)})
-    os.replace(tmp, path)
+            parts = [f[f"p{i}"] for i in range(num_partitions)]
+    else:
+        parts = _partition(cfg, tuple(labels.tolist()), num_partitions)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.npz")
+        np.savez(tmp, **{f"p{i}": p for i, p in enumerate(parts)})
+        os.replace(tmp, path)
+    _PARTITIONS[key] = parts
     return parts
 
 
-@lru_cache(maxsize=4)
 def _partition(cfg_yaml: str, labels: tuple[int, ...], num_partitions: int) -> list[np.ndarray]:
     from datasets import Dataset
 

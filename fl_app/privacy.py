@@ -26,9 +26,6 @@ from functools import lru_cache
 import numpy as np
 from omegaconf import DictConfig
 
-from fl_app.strategies.accounting import epsilon_spent
-from fl_app.strategies.dp import clip_to_norm
-
 PRIVACY_CHOICES = ("none", "local", "dpsgd")
 
 
@@ -72,8 +69,10 @@ class LocalDP:
 
     def privatize(self, update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The clipped, noised update (same dtypes); counts one release for the accountant."""
-        clipped, _ = clip_to_norm({k: np.asarray(v, np.float64) for k, v in update.items()},
-                                  self.clip_norm)
+        clipped = {k: np.asarray(v, np.float64) for k, v in update.items()}
+        norm = math.sqrt(sum(float(np.vdot(v, v)) for v in clipped.values()))
+        if norm > self.clip_norm:
+            clipped = {k: v * (self.clip_norm / norm) for k, v in clipped.items()}
         std = self.noise_multiplier * self.clip_norm
         noisy = {k: (v + self._rng.normal(0.0, std, v.shape)).astype(np.asarray(update[k]).dtype)
                  for k, v in clipped.items()}
@@ -86,6 +85,10 @@ class LocalDP:
         Replace-one sensitivity is 2C, so the Gaussian mechanism's multiplier is sigma / 2;
         there is no sampling amplification (q = 1): the server knows who took part.
         """
+        # Imported here: a deployed ClientApp process starts afresh per message, and the
+        # accountant (dp_accounting, the strategies package) costs it about a second.
+        from fl_app.strategies.accounting import epsilon_spent
+
         return epsilon_spent(self.noise_multiplier / 2, 1.0, self.releases, self.delta)
 
     def metrics(self) -> dict[str, float]:

@@ -88,6 +88,9 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
                "seconds": time.time() - started, "output_dir": str(out)}
     if "train_epsilon" in final:
         summary["epsilon"], summary["delta"] = final["train_epsilon"], final["train_delta"]
+    for client_side in ("dpsgd_epsilon_max", "local_epsilon_max"):  # worst client's own ε
+        if f"train_{client_side}" in final:
+            summary[client_side] = final[f"train_{client_side}"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log(INFO, "fl_app: final test accuracy %.4f after %d rounds (%.1f s); outputs in %s",
         summary["test_accuracy"], summary["rounds"], summary["seconds"], out)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
@@ -32,8 +32,9 @@ from fl_app.config import compose
 from fl_app.data import ClientData, load_dataset, partition
 from fl_app.models import get_weights, set_weights
 from fl_app.privacy import from_config as client_privacy
+from fl_app.records import to_array_record
+from fl_app.server_app import train_round
 from fl_app.strategies import PrivacyBudgetExhausted
-from fl_app.strategies.base import from_array_record, to_array_record
 
 # One population and one local training recipe for every row; only the privacy differs.
 COMMON = ["model=mlp", "dataset=mnist5k", "partitioner=iid", "val_fraction=0",
@@ -106,7 +107,8 @@ def build_clients(cfg: DictConfig) -> list[TorchClient]:
 
 
 def run(cfg: DictConfig, log_every: int = 10) -> dict:
-    """The ServerApp's round loop, in process; returns the per-round history and the outcome."""
+    """The ServerApp's own round (`train_round`) on the in-process grid, with its central
+    evaluation; returns the per-round rows and why the run stopped."""
     clients = build_clients(cfg)
     strategy = instantiate(cfg.strategy)
     grid = InProcessGrid(clients)
@@ -117,33 +119,29 @@ def run(cfg: DictConfig, log_every: int = 10) -> dict:
     history, stop_reason, started = [], "num_rounds", time.time()
     for rnd in range(1, cfg.num_rounds + 1):
         try:
-            messages = strategy.configure_train(rnd, to_array_record(weights), ConfigRecord(),
-                                                grid)
+            weights, row = train_round(grid, strategy, cfg, rnd, weights)
         except PrivacyBudgetExhausted as err:
             stop_reason = str(err)
             break
-        new, metrics = strategy.aggregate_train(rnd, grid.send_and_receive(messages))
-        if new is not None:
-            weights = from_array_record(new)
         set_weights(model, weights)
-        loss, acc = training.evaluate(model, test.x_test, test.y_test)
-        history.append({"round": rnd, "test_accuracy": acc, "test_loss": loss,
-                        **dict(metrics or {})})
+        row["test_loss"], row["test_accuracy"] = training.evaluate(model, test.x_test,
+                                                                   test.y_test)
+        history.append(row)
         if rnd % log_every == 0 or rnd == cfg.num_rounds:
-            print(f"  round {rnd}: test accuracy {acc:.4f} ({time.time() - started:.0f} s)",
-                  flush=True)
+            print(f"  round {rnd}: test accuracy {row['test_accuracy']:.4f} "
+                  f"({time.time() - started:.0f} s)", flush=True)
     return {"history": history, "stop_reason": stop_reason, "seconds": time.time() - started}
 
 
 def epsilon_cell(final: dict) -> str:
     """The row's epsilon, saying whose it is and at which delta."""
-    if "epsilon" in final:
-        return f"{final['epsilon']:.2f} (δ = {final['delta']:.0e}), user-level, central"
-    if "local_epsilon_max" in final:
-        return (f"{final['local_epsilon_max']:.3g} (δ = {final['local_delta']:.0e}), per client "
-                "vs. the server; largest over clients")
-    if "dpsgd_epsilon_max" in final:
-        return (f"{final['dpsgd_epsilon_max']:.2f} (δ = {final['dpsgd_delta']:.0e}), "
+    if "train_epsilon" in final:
+        return f"{final['train_epsilon']:.2f} (δ = {final['train_delta']:.0e}), user-level, central"
+    if "train_local_epsilon_max" in final:
+        return (f"{final['train_local_epsilon_max']:.3g} (δ = {final['train_local_delta']:.0e}), "
+                "per client vs. the server; largest over clients")
+    if "train_dpsgd_epsilon_max" in final:
+        return (f"{final['train_dpsgd_epsilon_max']:.2f} (δ = {final['train_dpsgd_delta']:.0e}), "
                 "example-level, per client; largest over clients")
     return "∞ (no privacy)"
 
@@ -153,9 +151,10 @@ def settings_cell(cfg: DictConfig, final: dict) -> str:
     if "noise_multiplier" in cfg.strategy:
         s = cfg.strategy
         if s.clipping == "adaptive":
-            return (f"σ = {s.noise_multiplier:g} (update: {final['update-noise-multiplier']:.3g}),"
-                    f" C₀ = {s.clip_norm:g} → quantile {s.target_quantile:g} (η = {s.clip_lr:g}),"
-                    f" C ended at {final['clip-norm']:.2f}")
+            return (f"σ = {s.noise_multiplier:g} (update: "
+                    f"{final['train_update-noise-multiplier']:.3g}), C₀ = {s.clip_norm:g} → "
+                    f"quantile {s.target_quantile:g} (η = {s.clip_lr:g}), C ended at "
+                    f"{final['train_clip-norm']:.2f}")
         return f"σ = {s.noise_multiplier:g}, C = {s.clip_norm:g}"
     if cfg.privacy.name == "local":
         return f"σ = {cfg.privacy.noise_multiplier:g}, C = {cfg.privacy.clip_norm:g}"

@@ -46,6 +46,13 @@ def _rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _a_round_lost_a_node(out) -> bool:
+    try:
+        return any(r["lost_nodes"] for r in _rows(out))
+    except ValueError:  # a line being written right now
+        return False
+
+
 def _run(fed, name, run_config, tmp_path):
     out = tmp_path / name
     values = dict(run_config)
@@ -91,13 +98,19 @@ def test_each_strategy_completes_over_tls_and_learns(federation, tmp_path, strat
 def test_killed_supernode_is_survived_logged_and_its_restart_rejoins(federation, tmp_path):
     out = tmp_path / "faults"
 
-    def kill_after_round_1_then_restart():
-        while not (out / "metrics.jsonl").exists():
+    def kill_after_round_1_then_restart_after_a_lost_round():
+        metrics = out / "metrics.jsonl"
+        while not metrics.exists():
             time.sleep(0.2)
         federation.kill("supernode-2")
+        # Restart only once a round has gone without it; restarted earlier, it may rejoin in
+        # time to answer the round it missed, and the loss is never seen.
+        while not _a_round_lost_a_node(out):
+            time.sleep(0.5)
         federation.restart_supernode(2)
 
-    chaos = threading.Thread(target=kill_after_round_1_then_restart, daemon=True)
+    chaos = threading.Thread(target=kill_after_round_1_then_restart_after_a_lost_round,
+                             daemon=True)
     chaos.start()
     result, out = _run(federation, "faults", {
         "dataset": "digits", "overrides": "num_rounds=6 lr=0.1 round_timeout=60"}, tmp_path)
