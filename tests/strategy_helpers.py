@@ -1,5 +1,7 @@
 """Fakes for strategy tests: a grid that lists node ids, and client replies built by hand."""
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from flwr.app import (
@@ -50,6 +52,17 @@ class SimulatedGrid(FakeGrid):
         self.sent.append([m.metadata.dst_node_id for m in messages])
         return [Message(content=self.client(m.metadata.dst_node_id, m), reply_to=m)
                 for m in messages]
+
+
+def serve(clients: list) -> Callable[[int, Message], RecordDict]:
+    """A SimulatedGrid client: node i answers with clients[i].fit (fl_app TorchClients)."""
+    def reply(node_id: int, msg: Message) -> RecordDict:
+        client = clients[node_id]
+        params = [msg.content["arrays"][k].numpy() for k in client.keys]
+        arrays, n, metrics = client.fit(params, dict(msg.content["config"]))
+        return RecordDict({"arrays": record(dict(zip(client.keys, arrays, strict=True))),
+                           "metrics": MetricRecord({**metrics, "num-examples": n})})
+    return reply
 
 
 def record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

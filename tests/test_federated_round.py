@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
-from strategy_helpers import SimulatedGrid, record, set_task_identity, unpack
+from flwr.app import ConfigRecord
+from strategy_helpers import SimulatedGrid, record, serve, set_task_identity, unpack
 
 from fl_app.client_app import build_client
 from fl_app.config import compose
@@ -19,19 +19,8 @@ def _clients(n: int, partitioner: str = "dirichlet"):
     return [build_client(cfg, i, n) for i in range(n)]
 
 
-def _serve(clients):
-    """Reply content of node i = clients[i].fit on the instruction's arrays and config."""
-    def reply(node_id, msg):
-        client = clients[node_id]
-        params = [msg.content["arrays"][k].numpy() for k in client.keys]
-        arrays, n, metrics = client.fit(params, dict(msg.content["config"]))
-        return RecordDict({"arrays": record(dict(zip(client.keys, arrays, strict=True))),
-                           "metrics": MetricRecord({**metrics, "num-examples": n})})
-    return reply
-
-
 def _round(strategy, clients):
-    grid = SimulatedGrid(list(range(len(clients))), _serve(clients))
+    grid = SimulatedGrid(list(range(len(clients))), serve(clients))
     start = {k: v.numpy().copy() for k, v in clients[0].model.state_dict().items()}
     messages = strategy.configure_train(1, record(start), ConfigRecord(), grid)
     new, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))

@@ -4,8 +4,7 @@ import json
 
 import numpy as np
 import torch
-from flwr.app import MetricRecord, RecordDict
-from strategy_helpers import SimulatedGrid, record, set_task_identity
+from strategy_helpers import SimulatedGrid, serve, set_task_identity
 
 from fl_app.client_app import build_client
 from fl_app.config import compose
@@ -21,14 +20,7 @@ def _grid(cfg, num_clients, silent=()):
             return [r for r in super().send_and_receive(messages, timeout)
                     if r.metadata.src_node_id not in silent]
 
-    def reply(node_id, msg):
-        client = clients[node_id]
-        params = [msg.content["arrays"][k].numpy() for k in client.keys]
-        arrays, n, metrics = client.fit(params, dict(msg.content["config"]))
-        return RecordDict({"arrays": record(dict(zip(client.keys, arrays, strict=True))),
-                           "metrics": MetricRecord({**metrics, "num-examples": n})})
-
-    return Grid(list(range(num_clients)), reply)
+    return Grid(list(range(num_clients)), serve(clients))
 
 
 def _cfg(tmp_path, *overrides):
