@@ -56,6 +56,16 @@ class BadReply(ValueError):
     """A client reply that cannot be aggregated; the message is the reason."""
 
 
+def _messages(message_type: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+              node_ids: list[int], extra: dict | None = None) -> list[Message]:
+    """One message per node, all sharing one content: the arrays and a copy of the config
+    (never the caller's, which is reused every round) with the round and `extra` added."""
+    sent_config = ConfigRecord({**dict(config), **(extra or {}), "server-round": server_round})
+    content = RecordDict({"arrays": arrays, "config": sent_config})
+    return [Message(content=content, dst_node_id=node_id, message_type=message_type)
+            for node_id in node_ids]
+
+
 def _float_dtype(dtype: np.dtype) -> np.dtype:
     """Dtype to compute in: float32 stays float32 (half the memory), ints/float64 -> float64."""
     return np.result_type(dtype, np.float32)
@@ -240,15 +250,8 @@ class SampledStrategy(FedAvg):
     ) -> list[Message]:
         """Remember `arrays` as the current global model and build one TRAIN message per node."""
         self.set_current(arrays)
-        train_config = ConfigRecord(dict(config))  # never mutate the caller's config
-        train_config.update(self.client_config())
-        train_config["mode"] = self.mode
-        train_config["server-round"] = server_round
-        content = RecordDict({"arrays": arrays, "config": train_config})
-        return [
-            Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN)
-            for node_id in node_ids
-        ]
+        extra = {**self.client_config(), "mode": self.mode}
+        return _messages(MessageType.TRAIN, server_round, arrays, config, node_ids, extra)
 
     def client_config(self) -> dict[str, int | float | str | bool]:
         """What this strategy tells every client besides the mode (none for FedAvg)."""
@@ -398,13 +401,7 @@ class SampledStrategy(FedAvg):
         node_ids = self.sample_nodes(
             grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes, _EVALUATE_STREAM
         )
-        eval_config = ConfigRecord(dict(config))
-        eval_config["server-round"] = server_round
-        content = RecordDict({"arrays": arrays, "config": eval_config})
-        return [
-            Message(content=content, dst_node_id=node_id, message_type=MessageType.EVALUATE)
-            for node_id in node_ids
-        ]
+        return _messages(MessageType.EVALUATE, server_round, arrays, config, node_ids)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
