@@ -14,7 +14,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fl_app.config import CONF_DIR, ConfigError, check
 from fl_app.runner import PROJECT_ROOT, flwr_env, flwr_run, toml_run_config
@@ -40,15 +40,18 @@ def simulate(cfg: DictConfig) -> float:
 def _simulate(cfg: DictConfig) -> float:
     check(cfg)
     hc = HydraConfig.get()
-    out = Path(hc.runtime.output_dir).resolve()
-    overrides = [o for o in hc.overrides.task if not o.startswith("output_dir=")]
-    overrides.append(f"output_dir='{out}'")  # quoted: sweep folder names hold '=' and ','
-
     if not (PROJECT_ROOT / "pyproject.toml").exists():
         raise RunFailed(f"fl-app needs the project folder (with pyproject.toml) at {PROJECT_ROOT}: "
                         "install it with `pip install -e .` from a clone.")
-    run_config = toml_run_config({"overrides": shlex.join(overrides)}, out / "run_config.toml")
-    result = flwr_run(run_config, cfg.num_clients or DEFAULT_SUPERNODES, flwr_env())
+    if cfg.resume:
+        out, run_config, num_clients = _resumed_run(Path(cfg.resume), hc.overrides.task)
+    else:
+        out = Path(hc.runtime.output_dir).resolve()
+        overrides = [o for o in hc.overrides.task if not o.startswith("output_dir=")]
+        overrides.append(f"output_dir='{out}'")  # quoted: sweep folder names hold '=' and ','
+        run_config, num_clients = {"overrides": shlex.join(overrides)}, cfg.num_clients
+    run_config_file = toml_run_config(run_config, out / "run_config.toml")
+    result = flwr_run(run_config_file, num_clients or DEFAULT_SUPERNODES, flwr_env())
     summary_file = out / "summary.json"
     if not result.ok or not summary_file.exists():
         raise RunFailed(f"Flower run {result.run_id} ended as '{result.status}'; its log is above "
@@ -57,6 +60,24 @@ def _simulate(cfg: DictConfig) -> float:
     print(f"fl-app: run {result.run_id} completed: test accuracy {summary['test_accuracy']:.4f} "
           f"after {summary['rounds']} rounds; outputs in {out}", flush=True)
     return summary["test_accuracy"]
+
+
+def _resumed_run(folder: Path, overrides: list[str]) -> tuple[Path, dict, int]:
+    """The run config and client count of the run in `folder`, set to resume it.
+
+    Overrides given now (e.g. a larger num_rounds) are added after the run's own.
+    """
+    folder = folder.expanduser().resolve()
+    saved = folder / "run_config.json"
+    if not saved.is_file():
+        raise ConfigError(f"Cannot resume {folder}: it holds no run_config.json. resume= takes "
+                          "the output folder of an fl_app run that completed at least one round.")
+    run_config = json.loads(saved.read_text())
+    extra = [o for o in overrides if not o.startswith(("resume=", "output_dir="))]
+    run_config["overrides"] = shlex.join(
+        [*shlex.split(str(run_config.get("overrides", ""))), *extra, f"resume='{folder}'"])
+    num_clients = OmegaConf.load(folder / "config.yaml").num_clients
+    return folder, run_config, num_clients
 
 
 def main() -> None:

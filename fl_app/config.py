@@ -83,6 +83,10 @@ def check(cfg: DictConfig) -> None:
         ("batch_size", cfg.batch_size is None or cfg.batch_size >= 1, "null (full set) or >= 1"),
         ("lr", cfg.lr > 0, "> 0"),
         ("val_fraction", 0 <= cfg.val_fraction < 1, "in [0, 1)"),
+        ("checkpoints", cfg.checkpoints in ("last", "all"), "last or all"),
+        ("stopping.target", 0 < cfg.stopping.get("target", 1) <= 1, "in (0, 1]"),
+        ("stopping.patience", cfg.stopping.get("patience", 1) >= 1, "an integer >= 1"),
+        ("stopping.min_delta", cfg.stopping.get("min_delta", 0) >= 0, ">= 0"),
         *_privacy_rules(cfg),
     ]
     for key, ok, expected in rules:

@@ -1,4 +1,4 @@
-"""Datasets (embedded default, torchvision sets) and their partitioning across clients.
+"""Datasets (embedded default, torchvision sets, a tabular set) and their partitioning.
 
 Everything is held as in-memory tensors: the sets are small, and a DataLoader per round would
 cost more than the training step on this CPU. Loads and partitions are cached per process.
@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # A fixed split seed keeps the test set identical across runs with different training seeds.
 SPLIT_SEED = 2017
-NORMALIZATION = {  # (mean, std) of the raw pixel scale each set ships in
+NORMALIZATION = {  # images: (mean, std) of the raw pixel scale each set ships in
     "mnist5k": (0.1307 * 255, 0.3081 * 255),
     "mnist": (0.1307 * 255, 0.3081 * 255),
     "fashion_mnist": (0.2860 * 255, 0.3530 * 255),
@@ -27,6 +27,8 @@ NORMALIZATION = {  # (mean, std) of the raw pixel scale each set ships in
     "cifar10": (0.4734 * 255, 0.2516 * 255),
 }
 TORCHVISION_SETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+# Tabular sets: every feature z-scored with the mean and std of the training split (below).
+STANDARDIZED = {"breast_cancer"}
 
 
 class DatasetUnavailable(RuntimeError):
@@ -65,11 +67,26 @@ def _load(name: str, root: str | None, download: bool, test_fraction: float,
     elif name in TORCHVISION_SETS:
         parts = _torchvision(name, root, download)
     else:
-        raise ValueError(f"Unknown dataset name '{name}'. Known: {sorted(NORMALIZATION)}.")
-    mean, std = NORMALIZATION[name]
+        known = sorted([*EMBEDDED, *TORCHVISION_SETS])
+        raise ValueError(f"Unknown dataset name '{name}'. Known: {known}.")
     x_train, y_train, x_test, y_test = parts
-    return Split(_images(x_train, shape, mean, std), torch.as_tensor(y_train, dtype=torch.int64),
-                 _images(x_test, shape, mean, std), torch.as_tensor(y_test, dtype=torch.int64))
+    mean, std = _scale(name, x_train)
+    return Split(_scaled(x_train, shape, mean, std), torch.as_tensor(y_train, dtype=torch.int64),
+                 _scaled(x_test, shape, mean, std), torch.as_tensor(y_test, dtype=torch.int64))
+
+
+def _scale(name: str, x_train: np.ndarray) -> tuple[np.ndarray | float, np.ndarray | float]:
+    """(mean, std) to normalize with: fixed per image set, per feature for tabular sets.
+
+    A tabular set's statistics come from its training split only: computed over all rows they
+    would carry information about the test rows into training (leakage), and the test accuracy
+    would no longer measure data the model has never seen.
+    """
+    if name not in STANDARDIZED:
+        return NORMALIZATION[name]
+    x = np.asarray(x_train, dtype=np.float64)
+    std = x.std(axis=0)
+    return x.mean(axis=0).astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
 
 
 def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +101,16 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return load_digits(return_X_y=True)
 
 
-EMBEDDED = {"mnist5k": _mnist5k, "digits": _digits}
+def _breast_cancer() -> tuple[np.ndarray, np.ndarray]:
+    """Wisconsin diagnostic breast cancer: 569 tumours, 30 real-valued features, label 1 =
+    benign (357), 0 = malignant (212)."""
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    return x.astype(np.float32), y
+
+
+EMBEDDED = {"mnist5k": _mnist5k, "digits": _digits, "breast_cancer": _breast_cancer}
 
 
 def _embedded(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +124,7 @@ def _embedded(name: str) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path) as f:
             return f["x"], f["y"]
     x, y = EMBEDDED[name]()
-    x, y = x.astype(np.uint8), y.astype(np.int64)
+    x, y = (x.astype(np.uint8) if name in NORMALIZATION else x), y.astype(np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.npz")  # atomic: clients may race to write it
     np.savez(tmp, x=x, y=y)
@@ -139,9 +165,12 @@ def _torchvision(name: str, root: str | None, download: bool):
     return (*arrays(train), *arrays(test))
 
 
-def _images(x: np.ndarray, shape: tuple[int, ...], mean: float, std: float) -> torch.Tensor:
+def _scaled(x: np.ndarray, shape: tuple[int, ...], mean: np.ndarray | float,
+            std: np.ndarray | float) -> torch.Tensor:
+    """(x - mean) / std as float32 in the model's input shape; mean and std are scalars (images)
+    or one value per feature (tabular)."""
     x = (np.asarray(x, dtype=np.float32) - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), *shape)))
+    return torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), *shape), dtype=np.float32))
 
 
 def partition(labels: np.ndarray, partitioner: DictConfig, num_partitions: int) -> list[np.ndarray]:
@@ -205,19 +234,25 @@ def _partition(cfg_yaml: str, labels: tuple[int, ...], num_partitions: int) -> l
 
 
 def local_data(cfg: DictConfig, folder: str | Path, seed_id: int = 0) -> ClientData:
-    """A SuperNode's own data: `folder/train.npz` with raw images `x` and labels `y`, in the
-    configured dataset's format (as `python -m fl_app.deploy.partitions` writes them)."""
+    """A SuperNode's own data: `folder/train.npz` with raw images or features `x` and labels
+    `y`, in the configured dataset's format (as `python -m fl_app.deploy.partitions` writes them).
+
+    A tabular set is standardized with the federation's agreed statistics, here those of the
+    shipped training split (the same as in simulation), never with this node's own.
+    """
     path = Path(folder).expanduser() / "train.npz"
     if not path.exists():
         raise FileNotFoundError(f"No {path}: a SuperNode's data-dir must hold train.npz with "
-                                "arrays x (raw images) and y (labels).")
+                                "arrays x (raw images or features) and y (labels).")
     with np.load(path) as f:
         x, y = f["x"], f["y"]
-    shape = tuple(cfg.dataset.input_shape)
+    name, shape = cfg.dataset.name, tuple(cfg.dataset.input_shape)
     if x.size != len(y) * int(np.prod(shape)):
-        raise ValueError(f"{path}: x has shape {x.shape}, which is not {len(y)} images of "
-                         f"{shape} for dataset={cfg.dataset.name}.")
-    x_all = _images(x, shape, *NORMALIZATION[cfg.dataset.name])
+        raise ValueError(f"{path}: x has shape {x.shape}, which is not {len(y)} examples of "
+                         f"shape {shape} for dataset={name}.")
+    shared_train = (_holdout(*_embedded(name), float(cfg.dataset.test_fraction))[0]
+                    if name in STANDARDIZED else None)
+    x_all = _scaled(x, shape, *_scale(name, shared_train))
     y_all = torch.as_tensor(y, dtype=torch.int64)
     return _holdout_client(cfg, x_all, y_all, np.arange(len(y)), seed_id)
 

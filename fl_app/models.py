@@ -1,4 +1,5 @@
-"""Models of McMahan et al. 2017 and the conversions between torch state_dicts and ndarrays."""
+"""Models of McMahan et al. 2017, tabular models, and the conversions between torch state_dicts
+and ndarrays."""
 
 from __future__ import annotations
 
@@ -10,19 +11,34 @@ import torch
 from torch import nn
 
 
-class MLP(nn.Module):
-    """The "2NN": input -> 200 -> 200 -> classes, ReLU (199,210 parameters on MNIST)."""
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression: one linear layer from the flattened input to the class
+    logits (softmax in the cross-entropy loss); (features + 1) * classes parameters."""
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: int = 200) -> None:
+    def __init__(self, input_shape: Sequence[int], num_classes: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(prod(input_shape), hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, num_classes),
-        )
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(prod(input_shape), num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MLP(nn.Module):
+    """Fully connected, ReLU: by default the "2NN", input -> 200 -> 200 -> classes (199,210
+    parameters on MNIST); `hidden_layers=1, hidden=32` is a small tabular MLP."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: int = 200,
+                 hidden_layers: int = 2) -> None:
+        super().__init__()
+        if hidden_layers < 1:
+            raise ValueError(f"hidden_layers={hidden_layers}: an MLP needs at least one hidden "
+                             "layer (model=logreg has none).")
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = prod(input_shape)
+        for _ in range(hidden_layers):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

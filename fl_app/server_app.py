@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from collections.abc import Iterable
 from datetime import datetime
@@ -19,7 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from fl_app import training
+from fl_app import checkpoint, training
 from fl_app.config import compose, overrides_from_run_config, to_yaml
 from fl_app.data import load_dataset
 from fl_app.models import get_weights, num_parameters, set_weights
@@ -32,11 +33,15 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = compose(overrides_from_run_config(context.run_config))
-    run(grid, cfg)
+    run(grid, cfg, run_config=dict(context.run_config))
 
 
-def run(grid: Grid, cfg: DictConfig) -> dict:
-    """Run cfg.num_rounds rounds of federated training on `grid`; return the run summary."""
+def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
+    """Run (or, with cfg.resume, continue) federated training; return the run summary.
+
+    `run_config` (what `flwr run` was given) is saved so that `fl-app resume=FOLDER` can
+    start the same run again.
+    """
     started = time.time()
     training.setup_torch()
     out = output_dir(cfg)
@@ -46,12 +51,21 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
     federation_size = wait_for_clients(grid, cfg)
     with open_dict(cfg):  # null num_clients follows the federation; DP needs the population
         cfg.num_clients = cfg.num_clients or federation_size
+    resumed = None
+    if cfg.resume:
+        checkpoint.check_resumable(out, cfg)
+        resumed = checkpoint.load(out)
+        log(INFO, "fl_app: resuming after round %d from %s", resumed.round, out)
     (out / "config.yaml").write_text(to_yaml(cfg))
+    if run_config is not None:
+        (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
 
     torch.manual_seed(cfg.seed)
     model = instantiate(cfg.model)
     test = load_dataset(cfg.dataset)
-    strategy = instantiate(cfg.strategy)
+    strategy = resumed.strategy if resumed else instantiate(cfg.strategy)
+    stop_rule = instantiate(cfg.stopping)
+    round_logger = instantiate(cfg.logger, log_dir=str(out))
     log(INFO, "fl_app: %s, %s (%d parameters), %s, %s partitions x %d clients, %d rounds",
         type(strategy).__name__, type(model).__name__, num_parameters(model), cfg.dataset.name,
         cfg.partitioner._target_.rsplit(".", 1)[-1], cfg.num_clients, cfg.num_rounds)
@@ -60,46 +74,75 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
         set_weights(model, arrays)
         return training.evaluate(model, test.x_test, test.y_test)
 
-    weights = get_weights(model)
-    loss, acc = central_eval(weights)
-    log(INFO, "[round 0] test loss %.4f, accuracy %.4f", loss, acc)
-    history, stop_reason = [{"round": 0, "test_loss": loss, "test_accuracy": acc}], "num_rounds"
-    for rnd in range(1, cfg.num_rounds + 1):
-        t0 = time.time()
-        try:
-            weights, row = train_round(grid, strategy, cfg, rnd, weights)
-        except PrivacyBudgetExhausted as err:
-            stop_reason = str(err)
-            log(WARNING, "fl_app: stopping before round %d: %s", rnd, err)
-            break
-        if cfg.fraction_evaluate > 0:
-            row |= evaluate_round(grid, strategy, cfg, rnd, weights)
-        row["test_loss"], row["test_accuracy"] = central_eval(weights)
-        row["seconds"] = time.time() - t0
-        history.append(row)
-        _append_jsonl(out / "metrics.jsonl", row)
-        log(INFO, "%s", progress_line(row, cfg.num_rounds, started))
+    if resumed:
+        weights, history, elapsed = resumed.weights, resumed.history, resumed.elapsed
+        _truncate_jsonl(out / "metrics.jsonl", after_round=resumed.round)
+    else:
+        weights, elapsed = get_weights(model), 0.0
+        loss, acc = central_eval(weights)
+        log(INFO, "[round 0] test loss %.4f, accuracy %.4f", loss, acc)
+        history = [{"round": 0, "test_loss": loss, "test_accuracy": acc}]
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    try:
+        stop_reason = stop_rule.check(history) if len(history) > 1 else None
+        while stop_reason is None:
+            rnd = history[-1]["round"] + 1
+            if rnd > cfg.num_rounds:
+                stop_reason = f"num_rounds: all {cfg.num_rounds} rounds run"
+                break
+            t0 = time.time()
+            try:
+                weights, row = train_round(grid, strategy, cfg, rnd, weights)
+            except PrivacyBudgetExhausted as err:
+                stop_reason = f"privacy_budget: {err}"
+                break
+            if cfg.fraction_evaluate > 0:
+                row = _merge(row, evaluate_round(grid, strategy, cfg, rnd, weights))
+            row["test_loss"], row["test_accuracy"] = central_eval(weights)
+            row["seconds"] = time.time() - t0
+            history.append(row)
+            _append_jsonl(out / "metrics.jsonl", row)
+            checkpoint.save(out, checkpoint.Checkpoint(
+                rnd, weights, strategy, history, elapsed + time.time() - started),
+                keep_all=cfg.checkpoints == "all")
+            round_logger.log_round(row)
+            log(INFO, "%s", progress_line(row, cfg.num_rounds, history))
+            stop_reason = stop_rule.check(history)
+    finally:
+        round_logger.close()
+    log(INFO, "fl_app: stopped after round %d: %s", history[-1]["round"], stop_reason)
 
     set_weights(model, weights)
     torch.save(model.state_dict(), out / "model.pt")
-    final = history[-1]
-    summary = {"rounds": final["round"], "test_accuracy": final["test_accuracy"],
-               "test_loss": final["test_loss"], "stop_reason": stop_reason,
-               "seconds": time.time() - started, "output_dir": str(out)}
-    if "train_epsilon" in final:
-        summary["epsilon"], summary["delta"] = final["train_epsilon"], final["train_delta"]
-    for client_side in ("dpsgd_epsilon_max", "local_epsilon_max"):  # worst client's own ε
-        if f"train_{client_side}" in final:
-            summary[client_side] = final[f"train_{client_side}"]
+    summary = run_summary(history, stop_reason, elapsed + time.time() - started, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log(INFO, "fl_app: final test accuracy %.4f after %d rounds (%.1f s); outputs in %s",
         summary["test_accuracy"], summary["rounds"], summary["seconds"], out)
     return summary
 
 
+def run_summary(history: list[dict], stop_reason: str, seconds: float, out: Path) -> dict:
+    """What summary.json holds: the final and best accuracy, why and when the run stopped."""
+    final = history[-1]
+    best = max(history, key=lambda row: row["test_accuracy"])
+    summary = {"rounds": final["round"], "test_accuracy": final["test_accuracy"],
+               "test_loss": final["test_loss"], "best_accuracy": best["test_accuracy"],
+               "best_round": best["round"], "stop_reason": stop_reason, "seconds": seconds,
+               "bytes_sent": sum(row.get("bytes_sent", 0) for row in history),
+               "bytes_received": sum(row.get("bytes_received", 0) for row in history),
+               "output_dir": str(out)}
+    if "train_epsilon" in final:
+        summary["epsilon"], summary["delta"] = final["train_epsilon"], final["train_delta"]
+    for client_side in ("dpsgd_epsilon_max", "local_epsilon_max"):  # worst client's own ε
+        if f"train_{client_side}" in final:
+            summary[client_side] = final[f"train_{client_side}"]
+    return summary
+
+
 def train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
                 weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
     """One round of federated training: the new global weights and the round's metrics row."""
+    random.seed(cfg.seed * 1_000_003 + rnd)  # Flower's built-in strategies sample with `random`
     messages = strategy.configure_train(rnd, to_array_record(weights), ConfigRecord(), grid)
     messages = expire_with_round(messages, cfg.round_timeout)
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
@@ -116,6 +159,7 @@ def train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
     if new is None:
         log(WARNING, "[round %d] no usable client update: global model unchanged", rnd)
     row = {"round": rnd, "sampled": len(messages), "lost_nodes": lost,
+           "bytes_sent": payload_bytes(messages), "bytes_received": payload_bytes(replies),
            **{f"train_{k}": v for k, v in dict(metrics or {}).items()}}
     return (weights if new is None else from_array_record(new)), row
 
@@ -123,15 +167,21 @@ def train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
 def evaluate_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
                    weights: dict[str, np.ndarray]) -> dict:
     """Federated evaluation of the global model on the clients' held-out splits."""
+    random.seed(cfg.seed * 1_000_003 + rnd + 500_009)  # an evaluation stream of its own
     messages = strategy.configure_evaluate(rnd, to_array_record(weights), ConfigRecord(), grid)
-    replies = grid.send_and_receive(expire_with_round(messages, cfg.round_timeout),
-                                    timeout=cfg.round_timeout)
+    messages = expire_with_round(messages, cfg.round_timeout)
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     metrics = strategy.aggregate_evaluate(rnd, replies)
-    return {f"client_{k}": v for k, v in dict(metrics or {}).items()}
+    return {"bytes_sent": payload_bytes(messages), "bytes_received": payload_bytes(replies),
+            **{f"client_{k}": v for k, v in dict(metrics or {}).items()}}
 
 
 def output_dir(cfg: DictConfig) -> Path:
-    """The run's absolute output folder: the ServerApp's working directory is the SuperLink's."""
+    """The run's absolute output folder: the ServerApp's working directory is the SuperLink's.
+
+    A resumed run writes on into the folder of the run it continues."""
+    if cfg.resume:
+        return Path(cfg.resume).expanduser().resolve()
     if cfg.output_dir:
         return Path(cfg.output_dir).expanduser().resolve()
     root = Path(os.environ.get("FL_APP_OUTPUTS", "~/fl_app_outputs")).expanduser().resolve()
@@ -178,9 +228,17 @@ def lost_nodes(rnd: int, messages: list[Message], replies: list[Message]) -> lis
     return lost
 
 
-def progress_line(row: dict, num_rounds: int, started: float) -> str:
+def payload_bytes(messages: Iterable[Message]) -> int:
+    """Bytes of the records the messages carry (what crosses the network, before framing)."""
+    return sum(record.count_bytes() for m in messages if m.has_content()
+               for record in m.content.values())
+
+
+def progress_line(row: dict, num_rounds: int, history: list[dict]) -> str:
+    """One line per round: metrics, round time, and an ETA from the mean round time so far."""
     rnd = row["round"]
-    eta = (time.time() - started) / rnd * (num_rounds - rnd)
+    timed = [r["seconds"] for r in history if "seconds" in r]
+    eta = sum(timed) / len(timed) * (num_rounds - rnd)
     parts = [f"[round {rnd}/{num_rounds}]", f"test acc {row['test_accuracy']:.4f}",
              f"loss {row['test_loss']:.4f}"]
     if "train_train_loss" in row:
@@ -198,6 +256,21 @@ def _fail_if_all_failed(rnd: int, replies: list[Message]) -> None:
     if replies and all(m.has_error() for m in replies):
         reasons = sorted({m.error.reason.strip().splitlines()[-1] for m in replies})
         raise RuntimeError(f"Round {rnd}: all {len(replies)} clients failed: {reasons}")
+
+
+def _merge(train_row: dict, evaluate_row: dict) -> dict:
+    merged = train_row | evaluate_row
+    for key in ("bytes_sent", "bytes_received"):
+        merged[key] = train_row[key] + evaluate_row[key]
+    return merged
+
+
+def _truncate_jsonl(path: Path, after_round: int) -> None:
+    """Drop rows past the checkpoint: a kill between a row and its checkpoint repeats a round."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["round"] <= after_round]
+        path.write_text("".join(line + "\n" for line in rows))
 
 
 def _append_jsonl(path: Path, row: dict) -> None:

@@ -67,6 +67,17 @@ def test_fl_app_sweeps_strategies_one_output_folder_each(flwr_home, tmp_path):
     assert by_strategy["DPNoise"]["epsilon"] > 0
     assert proc.stdout.count("fl-app: run") == 3
 
+    # One documented command continues a run from its folder, here for one more round.
+    fedavg = Path(by_strategy["WeightedFedAvg"]["output_dir"])
+    cmd = [str(Path(sys.executable).parent / "fl-app"), f"resume='{fedavg}'", "num_rounds=4",
+           f"hydra.run.dir={tmp_path / 'resume'}"]
+    proc = subprocess.run(cmd, env=flwr_home, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming after round 3" in proc.stdout
+    rows = [json.loads(line) for line in (fedavg / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert json.loads((fedavg / "summary.json").read_text())["rounds"] == 4
+
 
 def test_fl_app_reports_a_failed_run_and_exits_nonzero(flwr_home, tmp_path):
     # Offline, torchvision's MNIST cannot be fetched: the ServerApp fails, and so must fl-app.

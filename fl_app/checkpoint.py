@@ -1,0 +1,109 @@
+"""Checkpoints written after every round, and resuming a killed run from the last one.
+
+A checkpoint holds everything the next round depends on: the global model, the strategy object
+itself (server momentum, FedAdam moments, clip norm, the privacy accountant and the DP noise
+generator's state), the metrics history (stopping rules read it) and the wall time so far.
+Client training is seeded by (seed, partition, round), so a resumed run on CPU ends with
+the same model as the uninterrupted one; `tests/test_resume.py` checks that bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fl_app.config import ConfigError
+
+CHECKPOINT = "checkpoint.pkl"
+# Settings a resumed run may change: where and how long it runs, not what it computes.
+MAY_DIFFER = ("resume", "output_dir", "num_rounds", "stopping", "logger", "checkpoints",
+              "node_wait_timeout", "round_timeout")
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    weights: dict[str, np.ndarray]
+    strategy: object
+    history: list[dict]
+    elapsed: float  # wall seconds of the run before this process took over
+
+
+def save(folder: Path, ckpt: Checkpoint, keep_all: bool = False) -> Path:
+    """Write the checkpoint atomically: a kill mid-write leaves the previous one intact."""
+    path, tmp = folder / CHECKPOINT, folder / (CHECKPOINT + ".tmp")
+    with tmp.open("wb") as f:
+        pickle.dump(ckpt, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if keep_all:
+        (folder / "checkpoints").mkdir(exist_ok=True)
+        shutil.copyfile(path, folder / "checkpoints" / f"round_{ckpt.round:04d}.pkl")
+    return path
+
+
+def load(folder: Path) -> Checkpoint:
+    """The last checkpoint of the run in `folder`; ConfigError if there is none."""
+    path = _require_checkpoint(folder)
+    with path.open("rb") as f:
+        ckpt = pickle.load(f)  # noqa: S301 - the run's own file, like torch.load of a model
+    if not isinstance(ckpt, Checkpoint):
+        raise ConfigError(f"Cannot resume: {path} is not an fl_app checkpoint.")
+    return ckpt
+
+
+def check_resumable(folder: Path, cfg: DictConfig) -> None:
+    """Refuse to resume a run whose config differs in anything that changes the result."""
+    if cfg.privacy.get("name", "none") != "none":
+        raise ConfigError(
+            f"Cannot resume a run with client-side privacy (privacy={cfg.privacy.name}): each "
+            "client's ε accountant lives in its SuperNode's state, which ended with the run, so "
+            "a resumed run would under-report ε. Start a new run instead."
+        )
+    _require_checkpoint(folder)
+    saved_file = folder / "config.yaml"
+    if not saved_file.is_file():
+        raise ConfigError(f"Cannot resume: {saved_file} is missing, so the run's config is "
+                          "unknown.")
+    saved = _comparable(OmegaConf.load(saved_file))
+    current = _comparable(cfg)
+    differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: run {saved.get(k)!r} vs now {current.get(k)!r}"
+                          for k in differ[:5])
+        raise ConfigError(
+            f"Cannot resume {folder}: the config differs from the run's ({shown}). Resume with "
+            "the same strategy/model/dataset/... as the run (its config.yaml); `fl-app "
+            f"resume={folder}` reuses them for you."
+        )
+
+
+def _require_checkpoint(folder: Path) -> Path:
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(
+            f"Cannot resume: {path} does not exist. resume= takes the output folder of a run "
+            "that completed at least one round (it holds checkpoint.pkl)."
+        )
+    return path
+
+
+def _comparable(cfg: DictConfig) -> dict[str, object]:
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    return {k: v for k, v in flat.items() if k.split(".")[0] not in MAY_DIFFER}
+
+
+def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        flat |= _flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
+    return flat
