@@ -27,6 +27,8 @@ class TorchClient(NumPyClient):
 
     `fit` runs E local epochs and returns the new weights, or, when the server's config says
     mode="gradient" (FedSGD), returns the gradient of the local loss at the received weights.
+    A "proximal-mu" in the config (Flower's FedProx) adds mu/2·||w − w_received||² to the
+    local loss.
     `privacy` (fl_app.privacy): DP-SGD replaces the local SGD; local DP clips and noises the
     update before it is returned, and the reply's metrics then hold the client's epsilon
     instead of its training loss.
@@ -59,13 +61,15 @@ class TorchClient(NumPyClient):
             grads, loss, n = training.gradient(self.model, x, y, batch, seed)
             reply = self._private([grads[k].numpy() for k in self.keys])
             return reply, n, self._metrics(loss)
+        mu = float(config.get("proximal-mu", 0.0))  # FedProx's proximal term weight
         if isinstance(self.privacy, DPSGD):
             loss, self.privacy.history = training.train_dpsgd(
                 self.model, x, y, self.local_epochs, self.batch_size, self.lr,
-                self.privacy.noise_multiplier, self.privacy.max_grad_norm, self.privacy.history)
+                self.privacy.noise_multiplier, self.privacy.max_grad_norm, self.privacy.history,
+                proximal_mu=mu)
         else:
             loss = training.train(self.model, x, y, self.local_epochs, self.batch_size, self.lr,
-                                  seed)
+                                  seed, proximal_mu=mu)
         weights = self._private(self.get_parameters({}), received=parameters)
         return weights, len(y), self._metrics(loss)
 

@@ -7,6 +7,7 @@ than a DataLoader: the same order for the same seed, and no worker start-up per 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 
@@ -34,11 +35,47 @@ def _batches(n: int, batch_size: int | None, generator: torch.Generator):
         yield order[start:start + step]
 
 
+def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor],
+                  mu: float) -> torch.Tensor:
+    """FedProx's proximal term (Li et al. 2020): mu/2 · ||w − w_global||², summed over tensors.
+
+    Its gradient is mu·(w − w_global): it pulls local training back towards the global model
+    the client received (`anchor`), which limits client drift on heterogeneous data.
+    """
+    return (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+
+
+def check_proximal_mu(mu: float, lr: float) -> float:
+    """mu as a float, refused if negative or so large that local SGD diverges.
+
+    Near the anchor the proximal term alone makes each SGD step scale w − w_global by
+    (1 − lr·mu): for lr·mu >= 2 that factor is <= −1 and training blows up.
+    """
+    mu = float(mu)
+    if not math.isfinite(mu) or mu < 0:
+        raise ValueError(f"proximal-mu must be a finite number >= 0, got {mu!r} "
+                         "(strategy.proximal_mu; 0 is plain FedAvg).")
+    if mu * lr >= 2:
+        raise ValueError(
+            f"proximal-mu = {mu:g} with lr = {lr:g}: lr·mu = {mu * lr:g} >= 2, so local SGD "
+            f"on the proximal term diverges. Use strategy.proximal_mu < {2 / lr:g} (values "
+            "of 0.001 to 1 are typical) or a smaller lr.")
+    return mu
+
+
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int | None,
-          lr: float, seed: int) -> float:
-    """SGD for `epochs` passes over (x, y); returns the mean training loss of the last epoch."""
+          lr: float, seed: int, proximal_mu: float = 0.0) -> float:
+    """SGD for `epochs` passes over (x, y); returns the mean training loss of the last epoch.
+
+    With `proximal_mu` > 0 (FedProx) each step minimises loss + mu/2·||w − w_start||², w_start
+    being the weights the model had on entry (the global model); the reported loss is the data
+    loss alone. mu = 0 runs exactly plain SGD: no copy of the weights, no extra term.
+    """
+    mu = check_proximal_mu(proximal_mu, lr)
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    params = list(model.parameters())
+    anchor = [p.detach().clone() for p in params] if mu else []
+    optimizer = torch.optim.SGD(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for _ in range(epochs):
@@ -46,7 +83,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch
         for idx in _batches(len(y), batch_size, generator):
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
+            objective = loss + proximal_term(params, anchor, mu) if mu else loss
+            objective.backward()
             optimizer.step()
             total += loss.item() * len(idx)
             count += len(idx)
@@ -55,7 +93,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch
 
 def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
                 batch_size: int | None, lr: float, noise_multiplier: float, max_grad_norm: float,
-                accountant_history: list[tuple[float, float, int]],
+                accountant_history: list[tuple[float, float, int]], proximal_mu: float = 0.0,
                 ) -> tuple[float, list[tuple[float, float, int]]]:
     """Example-level DP-SGD (Abadi et al. 2016) with Opacus for `epochs` passes over (x, y).
 
@@ -65,7 +103,14 @@ def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
     it subtract the noise. Opacus' RDP accountant continues from `accountant_history` (the
     client's previous rounds); returns the mean loss of the last epoch and the new history.
     The model is hooked in place, not wrapped, so its state_dict keys stay the plain ones.
+
+    `proximal_mu` > 0 (FedProx) adds mu·(w − w_start) to each noisy gradient, as SGD on
+    loss + mu/2·||w − w_start||² would. Opacus replaces p.grad by the clipped, noised sum of
+    per-example gradients, which would drop a term added to the loss; the proximal gradient
+    depends on no example (only on w, itself already private, and the public global model),
+    so it is added after the noise and costs no privacy.
     """
+    mu = check_proximal_mu(proximal_mu, lr)
     from opacus import PrivacyEngine  # imports in ~2 s: only clients that use DP-SGD pay it
 
     def os_entropy_generator() -> torch.Generator:
@@ -80,6 +125,8 @@ def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
         engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = list(accountant_history)
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if mu else []
     hooks, optimizer, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), data_loader=loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
@@ -100,7 +147,13 @@ def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
                 with warnings.catch_warnings():  # inputs need no gradient: Opacus' hooks are fine
                     warnings.filterwarnings("ignore", message="Full backward hook")
                     loss.backward()
+                if mu:  # the proximal gradient at the pre-step weights
+                    pull = [mu * (p.detach() - a) for p, a in zip(params, anchor, strict=True)]
                 optimizer.step()
+                if mu:
+                    with torch.no_grad():
+                        for p, g in zip(params, pull, strict=True):
+                            p.sub_(lr * g)
                 total += loss.item() * len(yb)
                 count += len(yb)
     finally:

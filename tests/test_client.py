@@ -1,12 +1,15 @@
-"""TorchClient trains, returns true gradients, and refuses a mismatched federation."""
+"""TorchClient trains, returns true gradients, applies FedProx's proximal term, and refuses a
+mismatched federation."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fl_app import training
 from fl_app.client_app import build_client
 from fl_app.config import compose
+from fl_app.models import MLP
 
 
 def _client(*overrides, partition_id=0, num_partitions=4):
@@ -71,3 +74,83 @@ def test_torch_is_seeded_so_the_initial_model_is_reproducible():
     a, b = _client(), _client()
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(),
                                                  b.model.state_dict().values(), strict=True))
+
+
+# FedProx: Flower's FedProx sends "proximal-mu"; the client adds mu/2·||w − w_received||².
+
+def _distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(np.sqrt(sum(np.sum((x.astype(np.float64) - y) ** 2)
+                             for x, y in zip(a, b, strict=True))))
+
+
+def test_proximal_term_is_half_mu_squared_distance_with_gradient_mu_times_the_difference():
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    anchor = [torch.randn(4, 3), torch.randn(3)]
+    mu = 0.3
+    term = training.proximal_term(params, anchor, mu)
+    term.backward()
+    by_hand = mu / 2 * sum(((p.detach() - a) ** 2).sum()
+                           for p, a in zip(params, anchor, strict=True))
+    assert term.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    for p, a in zip(params, anchor, strict=True):
+        torch.testing.assert_close(p.grad, mu * (p.detach() - a))
+
+
+def test_fit_with_proximal_mu_zero_equals_plain_training_bit_for_bit():
+    a, b = _client(), _client()
+    wa, _, _ = a.fit(a.get_parameters({}), {"server-round": 3})
+    wb, _, _ = b.fit(b.get_parameters({}), {"server-round": 3, "proximal-mu": 0.0})
+    assert all(np.array_equal(x, y) for x, y in zip(wa, wb, strict=True))
+
+
+@pytest.mark.parametrize("privacy", ["none", "dpsgd"])
+def test_fit_with_a_huge_proximal_mu_stays_near_the_received_weights(privacy):
+    # lr·mu = 1: every step pulls the weights all the way back to the received ones, so they
+    # end one step away from them instead of a whole local training run away.
+    start = _client().get_parameters({})
+    moved = {}
+    for mu in (0.0, 10.0):
+        client = _client(f"privacy={privacy}", "lr=0.1", "local_epochs=2")
+        weights, _, _ = client.fit(start, {"server-round": 1, "proximal-mu": mu})
+        moved[mu] = _distance(weights, start)
+    assert 0 < moved[10.0] < 0.35 * moved[0.0]
+
+
+def _mlp_and_data():
+    torch.manual_seed(0)
+    model = MLP(input_shape=(1, 8, 8), num_classes=10, hidden=16)
+    return model, torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
+
+
+def _train_from(start: dict, epochs: int, mu: float, dpsgd: bool) -> list[torch.Tensor]:
+    model, x, y = _mlp_and_data()
+    model.load_state_dict(start)
+    if dpsgd:  # q = 1 and no noise to speak of: DP-SGD becomes deterministic full-batch GD
+        training.train_dpsgd(model, x, y, epochs, None, 0.5, 1e-9, 100.0, [], proximal_mu=mu)
+    else:
+        training.train(model, x, y, epochs, None, 0.5, seed=0, proximal_mu=mu)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dpsgd", [False, True], ids=["sgd", "dpsgd"])
+def test_proximal_step_adds_lr_mu_times_the_distance_to_the_global_weights(dpsgd):
+    # Full-batch steps from w0: w1 = w0 − lr·g(w0), the proximal pull being zero at w0; then
+    # w2 = w1 − lr·(g(w1) + mu·(w1 − w0)). So w2(mu) − w2(0) = −lr·mu·(w1 − w0) exactly.
+    model, _, _ = _mlp_and_data()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    w0 = [p.detach().clone() for p in model.parameters()]
+    mu, lr = 0.8, 0.5
+    w1 = _train_from(start, 1, 0.0, dpsgd)
+    with_prox, without = _train_from(start, 2, mu, dpsgd), _train_from(start, 2, 0.0, dpsgd)
+    for a, b, p1, p0 in zip(with_prox, without, w1, w0, strict=True):
+        torch.testing.assert_close(a - b, -lr * mu * (p1 - p0), rtol=1e-4, atol=1e-6)
+
+
+def test_fit_refuses_a_negative_proximal_mu_or_one_that_makes_local_sgd_diverge():
+    client = _client("lr=0.1")
+    params = client.get_parameters({})
+    with pytest.raises(ValueError, match=">= 0"):
+        client.fit(params, {"proximal-mu": -1.0})
+    with pytest.raises(ValueError, match="diverges.*proximal_mu < 20"):
+        client.fit(params, {"proximal-mu": 20.0})

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from fl_app.config import compose
-from fl_app.data import _embedded, _holdout, partition
+from fl_app.data import EMBEDDED, _embedded, _holdout, partition
 
 
 def export(out: Path, num_partitions: int, overrides: Sequence[str] = ()) -> list[Path]:
     cfg = compose(list(overrides))
-    if cfg.dataset.name not in ("mnist5k", "digits"):
-        raise ValueError("Exporting supports the embedded datasets (mnist5k, digits); for the "
-                         "torchvision sets, copy their files to each machine instead.")
+    if cfg.dataset.name not in EMBEDDED:
+        raise ValueError(f"Exporting supports the embedded datasets ({', '.join(EMBEDDED)}); "
+                         "for the torchvision sets, copy their files to each machine instead.")
     x, y = _embedded(cfg.dataset.name)
     x_train, y_train, _, _ = _holdout(x, y, cfg.dataset.test_fraction)
     folders = []
