@@ -87,6 +87,7 @@ def check(cfg: DictConfig) -> None:
         ("stopping.target", 0 < cfg.stopping.get("target", 1) <= 1, "in (0, 1]"),
         ("stopping.patience", cfg.stopping.get("patience", 1) >= 1, "an integer >= 1"),
         ("stopping.min_delta", cfg.stopping.get("min_delta", 0) >= 0, ">= 0"),
+        *_strategy_rules(cfg),
         *_privacy_rules(cfg),
     ]
     for key, ok, expected in rules:
@@ -98,6 +99,31 @@ def check(cfg: DictConfig) -> None:
             f"min_clients={cfg.min_clients} exceeds num_clients={cfg.num_clients}: "
             "lower min_clients or add clients."
         )
+
+
+def _strategy_rules(cfg: DictConfig) -> list[tuple[str, bool, str]]:
+    """Hyperparameters of Flower's built-in strategies, which Flower itself does not check."""
+    strategy, rules = cfg.strategy, []
+    if "proximal_mu" in strategy:
+        rules.append(("strategy.proximal_mu", 0 <= strategy.proximal_mu * cfg.lr < 2,
+                      f">= 0 and below 2/lr = {2 / cfg.lr:g} (local SGD on the proximal term "
+                      "diverges beyond; 0.001-1 is typical)"))
+    if "tau" in strategy:
+        rules += [("strategy.eta", strategy.eta > 0, "> 0"),
+                  ("strategy.tau", strategy.tau > 0, "> 0"),
+                  ("strategy.beta_1", 0 <= strategy.beta_1 < 1, "in [0, 1)"),
+                  ("strategy.beta_2", 0 <= strategy.beta_2 < 1, "in [0, 1)")]
+    if strategy._target_.endswith("FedTrimmedAvg"):
+        rules.append(("strategy.beta", 0 <= strategy.beta < 0.5, "in [0, 0.5)"))
+    if "num_malicious_nodes" in strategy:
+        f = strategy.num_malicious_nodes
+        rules.append(("strategy.num_malicious_nodes", f >= 0, ">= 0"))
+        if cfg.num_clients:
+            per_round = max(int(cfg.num_clients * cfg.fraction_train), cfg.min_clients)
+            rules.append(("strategy.num_malicious_nodes", per_round > 2 * f + 2,
+                          f"below (clients per round - 2) / 2: Krum needs more than 2f + 2 "
+                          f"replies, and a round samples {per_round}"))
+    return rules
 
 
 def _privacy_rules(cfg: DictConfig) -> list[tuple[str, bool, str]]:

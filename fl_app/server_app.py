@@ -25,7 +25,13 @@ from fl_app.config import compose, overrides_from_run_config, to_yaml
 from fl_app.data import load_dataset
 from fl_app.models import get_weights, num_parameters, set_weights
 from fl_app.records import from_array_record, to_array_record
-from fl_app.strategies import NotEnoughClientsError, PrivacyBudgetExhausted
+from fl_app.strategies import (
+    DPNoise,
+    NotEnoughClientsError,
+    PrivacyBudgetExhausted,
+    SampledStrategy,
+)
+from fl_app.strategies.base import BadReply, check_reply
 
 app = ServerApp()
 
@@ -142,11 +148,16 @@ def run_summary(history: list[dict], stop_reason: str, seconds: float, out: Path
 def train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
                 weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
     """One round of federated training: the new global weights and the round's metrics row."""
+    ours = isinstance(strategy, (SampledStrategy, DPNoise))
+    if not ours:  # Flower's own sampling would wait forever for nodes that are gone
+        wait_for_clients(grid, cfg, wanted=getattr(strategy, "min_available_nodes", 1))
     random.seed(cfg.seed * 1_000_003 + rnd)  # Flower's built-in strategies sample with `random`
     messages = strategy.configure_train(rnd, to_array_record(weights), ConfigRecord(), grid)
     messages = expire_with_round(messages, cfg.round_timeout)
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     _fail_if_all_failed(rnd, replies)
+    if not ours:  # fl_app's strategies screen replies themselves; Flower's average NaN in
+        replies = usable_replies(rnd, replies, weights)
     lost = lost_nodes(rnd, messages, replies)
     # DPNoise samples by coin flips and has no minimum: only plain strategies enforce one.
     minimum = getattr(strategy, "min_train_nodes", 0)
@@ -190,9 +201,25 @@ def output_dir(cfg: DictConfig) -> Path:
     return root / f"{now:%Y-%m-%d}" / name
 
 
-def wait_for_clients(grid: Grid, cfg: DictConfig) -> int:
-    """Wait for min_clients SuperNodes (and num_clients, if set); return how many are there."""
-    wanted = max(cfg.min_clients, cfg.num_clients or 0)
+def usable_replies(rnd: int, replies: list[Message],
+                   weights: dict[str, np.ndarray]) -> list[Message]:
+    """The replies fl_app's own strategies would accept; the others are logged and dropped."""
+    usable = []
+    for reply in replies:
+        try:
+            check_reply(reply, weights)
+        except BadReply as err:
+            log(WARNING, "[round %d] dropping reply from node %d: %s", rnd,
+                reply.metadata.src_node_id, err)
+        else:
+            usable.append(reply)
+    return usable
+
+
+def wait_for_clients(grid: Grid, cfg: DictConfig, wanted: int | None = None) -> int:
+    """Wait for `wanted` SuperNodes (default: min_clients, and num_clients if set); return how
+    many are there, or raise NotEnoughClientsError after node_wait_timeout."""
+    wanted = wanted or max(cfg.min_clients, cfg.num_clients or 0)
     deadline = time.time() + cfg.node_wait_timeout
     while (connected := len(list(grid.get_node_ids()))) < wanted:
         if time.time() > deadline:

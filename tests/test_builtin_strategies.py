@@ -157,3 +157,27 @@ def test_builtin_aggregate_train_ignores_error_replies(name, monkeypatch):
     (arrays, metrics), (expected, expected_metrics) = aggregate(True), aggregate(False)
     np.testing.assert_array_equal(arrays["w"].numpy(), expected["w"].numpy())
     assert dict(metrics or {}) == dict(expected_metrics or {})
+
+
+class NaNGrid(InProcessGrid):
+    """Node 0 replies, every round, with a NaN in its weights (well-formed otherwise)."""
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = super().send_and_receive(messages, timeout)
+        for reply in replies:
+            if reply.metadata.src_node_id == 0:
+                arrays = from_array_record(reply.content["arrays"])
+                first = next(iter(arrays))
+                arrays[first] = arrays[first].copy()
+                arrays[first].flat[0] = np.nan
+                reply.content["arrays"] = to_array_record(arrays)
+        return replies
+
+
+@pytest.mark.parametrize("name", ["fedprox", "fedadam", "fedmedian"])
+def test_the_app_screens_nan_replies_that_flowers_strategies_would_average_in(name, tmp_path):
+    summary, rows = run_app(tmp_path, f"strategy={name}", "num_rounds=2", grid_class=NaNGrid)
+    assert [r["lost_nodes"] for r in rows] == [[0], [0]]
+    final = torch.load(tmp_path / "model.pt")
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert summary["test_accuracy"] > 0.7

@@ -82,3 +82,16 @@ def test_invalid_values_are_refused_naming_the_setting(override, key):
 def test_min_clients_above_num_clients_is_refused():
     with pytest.raises(ConfigError, match="min_clients=5 exceeds num_clients=3"):
         compose(["num_clients=3", "min_clients=5"])
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["strategy=fedprox", "strategy.proximal_mu=-1"], "strategy.proximal_mu"),
+    (["strategy=fedprox", "lr=0.1", "strategy.proximal_mu=30"], "strategy.proximal_mu"),
+    (["strategy=fedadam", "strategy.tau=0"], "strategy.tau"),
+    (["strategy=fedyogi", "strategy.beta_2=1"], "strategy.beta_2"),
+    (["strategy=fedtrimmedavg", "strategy.beta=0.5"], "strategy.beta"),
+    (["strategy=krum", "num_clients=4"], "strategy.num_malicious_nodes"),
+])
+def test_builtin_strategy_settings_flower_would_accept_silently_are_refused(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        compose(overrides)

@@ -108,6 +108,49 @@ class MetricAverager:
         )
 
 
+def check_reply(msg: Message, reference: dict[str, np.ndarray]
+                ) -> tuple[dict[str, np.ndarray], float, MetricRecord]:
+    """(arrays, num_examples, metrics) of a train reply that can be aggregated against the
+    global model `reference` (same names and shapes); raise BadReply saying why otherwise."""
+    if msg.has_error():
+        raise BadReply(f"error reply: {msg.error.reason}")
+    if not msg.has_content():
+        raise BadReply("reply has no content")
+    record = msg.content.get("arrays")
+    if not isinstance(record, ArrayRecord):
+        raise BadReply("no 'arrays' ArrayRecord")
+    metrics = msg.content.get("metrics")
+    if not isinstance(metrics, MetricRecord):
+        raise BadReply("no 'metrics' MetricRecord")
+    if NUM_EXAMPLES not in metrics:
+        raise BadReply(f"metrics lack '{NUM_EXAMPLES}'")
+    num_examples = metrics[NUM_EXAMPLES]
+    if (isinstance(num_examples, (bool, list)) or not math.isfinite(num_examples)
+            or num_examples <= 0):
+        raise BadReply(f"'{NUM_EXAMPLES}' must be a positive number, got {num_examples!r}")
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(math.isfinite(v) for v in values):
+            raise BadReply(f"metric '{key}' is not finite ({value!r})")
+
+    missing, extra = sorted(set(reference) - set(record)), sorted(set(record) - set(reference))
+    if missing or extra:
+        raise BadReply(f"array names differ (missing {missing}, unexpected {extra})")
+    for key, array in record.items():
+        # Checked before decoding, so a huge wrong-shaped reply costs nothing.
+        if tuple(array.shape) != reference[key].shape:
+            raise BadReply(
+                f"'{key}' has shape {tuple(array.shape)}, expected {reference[key].shape}"
+            )
+    arrays = from_array_record(record)
+    for key, array in arrays.items():
+        if not (np.issubdtype(array.dtype, np.number) and np.isrealobj(array)):
+            raise BadReply(f"'{key}' has non-numeric dtype {array.dtype}")
+        if not np.all(np.isfinite(array)):
+            raise BadReply(f"'{key}' contains NaN or Inf")
+    return arrays, float(num_examples), metrics
+
+
 class SampledStrategy(FedAvg):
     """Base of fl_app's strategies: seeded sampling, validated replies, in-place averaging.
 
@@ -275,44 +318,7 @@ class SampledStrategy(FedAvg):
 
     def check_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], float, MetricRecord]:
         """Return (arrays, num_examples, metrics) of a usable reply; raise BadReply otherwise."""
-        if msg.has_error():
-            raise BadReply(f"error reply: {msg.error.reason}")
-        if not msg.has_content():
-            raise BadReply("reply has no content")
-        record = msg.content.get("arrays")
-        if not isinstance(record, ArrayRecord):
-            raise BadReply("no 'arrays' ArrayRecord")
-        metrics = msg.content.get("metrics")
-        if not isinstance(metrics, MetricRecord):
-            raise BadReply("no 'metrics' MetricRecord")
-        if NUM_EXAMPLES not in metrics:
-            raise BadReply(f"metrics lack '{NUM_EXAMPLES}'")
-        num_examples = metrics[NUM_EXAMPLES]
-        if (isinstance(num_examples, (bool, list)) or not math.isfinite(num_examples)
-                or num_examples <= 0):
-            raise BadReply(f"'{NUM_EXAMPLES}' must be a positive number, got {num_examples!r}")
-        for key, value in metrics.items():
-            values = value if isinstance(value, list) else [value]
-            if not all(math.isfinite(v) for v in values):
-                raise BadReply(f"metric '{key}' is not finite ({value!r})")
-
-        current = self._require_current()
-        missing, extra = sorted(set(current) - set(record)), sorted(set(record) - set(current))
-        if missing or extra:
-            raise BadReply(f"array names differ (missing {missing}, unexpected {extra})")
-        for key, array in record.items():
-            # Checked before decoding, so a huge wrong-shaped reply costs nothing.
-            if tuple(array.shape) != current[key].shape:
-                raise BadReply(
-                    f"'{key}' has shape {tuple(array.shape)}, expected {current[key].shape}"
-                )
-        arrays = from_array_record(record)
-        for key, array in arrays.items():
-            if not (np.issubdtype(array.dtype, np.number) and np.isrealobj(array)):
-                raise BadReply(f"'{key}' has non-numeric dtype {array.dtype}")
-            if not np.all(np.isfinite(array)):
-                raise BadReply(f"'{key}' contains NaN or Inf")
-        return arrays, float(num_examples), metrics
+        return check_reply(msg, self._require_current())
 
     def iter_valid_updates(
         self, server_round: int, replies: Iterable[Message]
