@@ -41,7 +41,9 @@ def test_privacy_is_a_run_config_key_of_flwr_run_and_reaches_the_composed_config
     assert cfg.privacy.name == "local" and cfg.privacy.noise_multiplier == 2.5
     with open(CONF_DIR.parent / "pyproject.toml", "rb") as f:
         app_config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
-    assert set(app_config) == {*GROUPS, "overrides"} and app_config["privacy"] == "none"
+    # Empty group keys fall back to conf/config.yaml (privacy: none), so presets can set them.
+    assert set(app_config) == {*GROUPS, "overrides"} and app_config["privacy"] == ""
+    assert compose(overrides_from_run_config(app_config)).privacy.name == "none"
 
 
 @pytest.mark.parametrize("overrides,key", [
