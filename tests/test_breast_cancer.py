@@ -99,6 +99,8 @@ CASES = {
     "local_dp": (["privacy=local", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.5"],
                  0.85, "local_epsilon_max"),
     "dpsgd": (["privacy=dpsgd", "privacy.noise_multiplier=1.0"], 0.85, "dpsgd_epsilon_max"),
+    **{name: ([f"strategy={name}"], 0.85, None)  # Flower's own strategies
+       for name in ("fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")},
     "tabular_mlp_fedavg": (["model=tabular_mlp"], 0.90, None),
     "tabular_mlp_dp_fedavg": (["model=tabular_mlp", "strategy=dp_fedavg", *CENTRAL_DP], 0.85,
                               "epsilon"),
