@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,16 +54,46 @@ def toml_run_config(values: dict[str, str], path: Path) -> Path:
     return path
 
 
+# What the app bundle (FAB) holds. `flwr run DIR` walks every file under DIR before it filters
+# by .gitignore: with .venv inside the project that is ~50,000 files and 4-11 s per run.
+APP_FILES = ("pyproject.toml", ".gitignore", "README.md", "fl_app", "conf")
+
+
+@contextmanager
+def staged_app(project: Path = PROJECT_ROOT) -> Iterator[Path]:
+    """A temporary copy of just the app's files, for `flwr run` to bundle in milliseconds."""
+    with tempfile.TemporaryDirectory(prefix="fl_app-") as tmp:
+        staged = Path(tmp)
+        for name in APP_FILES:
+            source = project / name
+            if source.is_dir():
+                shutil.copytree(source, staged / name,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            elif source.is_file():
+                shutil.copy2(source, staged / name)
+        yield staged
+
+
 def flwr_run(run_config_file: Path, num_supernodes: int, env: dict[str, str],
              project: Path = PROJECT_ROOT, superlink: str | None = None, echo: bool = True,
              timeout: float | None = None) -> RunResult:
-    """`flwr run --stream` the project, then ask the SuperLink how the run ended."""
-    cmd = ["flwr", "run", str(project)] + ([superlink] if superlink else [])
-    cmd += ["--run-config", str(run_config_file), "--stream"]
-    if num_supernodes:
-        cmd += ["--federation-config", f"num-supernodes={num_supernodes}"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=project)
+    """`flwr run --stream` the project (its app files only), then ask the SuperLink how the
+    run ended."""
+    with staged_app(project) as app:
+        cmd = ["flwr", "run", str(app)] + ([superlink] if superlink else [])
+        cmd += ["--run-config", str(run_config_file), "--stream"]
+        if num_supernodes:
+            cmd += ["--federation-config", f"num-supernodes={num_supernodes}"]
+        lines = _stream(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True, cwd=app),
+                        echo, timeout)
+    log = "".join(lines)
+    match = re.search(r"run\s+(\d+)", log)
+    run_id = int(match.group(1)) if match else None
+    return RunResult(run_id, run_status(run_id, env, superlink) if run_id else "not-started", log)
+
+
+def _stream(proc: subprocess.Popen, echo: bool, timeout: float | None) -> list[str]:
     lines = []
     try:
         for line in proc.stdout:
@@ -71,10 +105,7 @@ def flwr_run(run_config_file: Path, num_supernodes: int, env: dict[str, str],
     finally:
         if proc.poll() is None:
             proc.kill()
-    log = "".join(lines)
-    match = re.search(r"run\s+(\d+)", log)
-    run_id = int(match.group(1)) if match else None
-    return RunResult(run_id, run_status(run_id, env, superlink) if run_id else "not-started", log)
+    return lines
 
 
 def run_status(run_id: int, env: dict[str, str], superlink: str | None = None) -> str:
