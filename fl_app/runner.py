@@ -76,14 +76,16 @@ def staged_app(project: Path = PROJECT_ROOT) -> Iterator[Path]:
 
 def flwr_run(run_config_file: Path, num_supernodes: int, env: dict[str, str],
              project: Path = PROJECT_ROOT, superlink: str | None = None, echo: bool = True,
-             timeout: float | None = None) -> RunResult:
+             timeout: float | None = None, client_cpus: float | None = None) -> RunResult:
     """`flwr run --stream` the project (its app files only), then ask the SuperLink how the
-    run ended."""
+    run ended. `client_cpus`: the simulation's CPUs per ClientApp (Flower's default is 2)."""
     with staged_app(project) as app:
         cmd = ["flwr", "run", str(app)] + ([superlink] if superlink else [])
         cmd += ["--run-config", str(run_config_file), "--stream"]
-        if num_supernodes:
-            cmd += ["--federation-config", f"num-supernodes={num_supernodes}"]
+        settings = [f"num-supernodes={num_supernodes}"] if num_supernodes else []
+        settings += [f"client-resources-num-cpus={client_cpus:g}"] if client_cpus else []
+        if settings:
+            cmd += ["--federation-config", " ".join(settings)]
         lines = _stream(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True, cwd=app),
                         echo, timeout)
