@@ -86,8 +86,10 @@ def flwr_run(run_config_file: Path, num_supernodes: int, env: dict[str, str],
         settings += [f"client-resources-num-cpus={client_cpus:g}"] if client_cpus else []
         if settings:
             cmd += ["--federation-config", " ".join(settings)]
+        # Not cwd=app: the local SuperLink that `flwr run` may start inherits the working
+        # directory, and would outlive this temporary folder (later runs then fail to launch).
         lines = _stream(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True, cwd=app),
+                                         stderr=subprocess.STDOUT, text=True, cwd=project),
                         echo, timeout)
     log = "".join(lines)
     match = re.search(r"run\s+(\d+)", log)
