@@ -383,3 +383,30 @@ def test_fedsgd_tells_clients_its_gradient_batch_size(monkeypatch):
     assert full.content["config"]["batch-size"] == 0  # 0: the whole local set
     assert batch.content["config"]["batch-size"] == 32
     assert batch.content["config"]["mode"] == "gradient"
+
+
+@pytest.mark.parametrize("strategy_class", [WeightedFedAvg, GradientAveraging])
+def test_aggregation_memory_does_not_grow_with_the_number_of_replies(strategy_class,
+                                                                     monkeypatch):
+    """Replies stream through in-place sums: 60 replies cost no more memory than 6."""
+    import tracemalloc
+
+    set_task_identity(monkeypatch)
+    current = {"w": np.zeros((500, 500), dtype=np.float32)}  # 1 MB
+
+    def peak(num_replies: int) -> int:
+        strategy = strategy_class()
+        strategy.set_current(current)
+        replies = (train_reply(i, {"w": np.full((500, 500), i, np.float32)}, 10)
+                   for i in range(num_replies))
+        tracemalloc.start()
+        arrays, _ = strategy.aggregate_train(1, replies)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        mean = (num_replies - 1) / 2  # replies hold 0, 1, ..., C-1, equally weighted
+        expected = mean if strategy_class is WeightedFedAvg else -strategy.server_lr * mean
+        np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-5)
+        return top
+
+    few, many = peak(6), peak(60)
+    assert many < few + 2_000_000  # a stacked 60-reply array alone would be 60 MB
