@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Every performance figure of the project, measured side by side in one run (issue 6).
+
+    python scripts/bench.py                                  # all parts, ~10 min on 2 cores
+    python scripts/bench.py --parts aggregate,datapath      # some of them
+    python scripts/bench.py --parts profile                  # py-spy of a running simulation
+
+Parts: sim (20-client round time vs a plain PyTorch loop), startup (when the first training
+step runs, and each start-up stage), aggregate (strategies vs a NumPy weighted average, memory
+vs C), scale (1,000 and 10,000 clients), deploy (3 SuperNodes vs simulation, the round floor and
+its parts), datapath (Message → first training step), profile (py-spy of a simulation's
+processes, start-up parts alone; not in the default set).
+
+Prints one table (figure | measured | target | plain Flower, from the issue) and writes it, with
+the machine and the command, to docs/bench/results.md, and every number to
+docs/bench/results.json. Benchmarks print figures; tests check correctness: nothing here
+asserts a timing. Every process started is stopped by PID (local SuperLinks by their
+FLWR_HOME, Ray by its own temp dir), never by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench.common import Part, Row  # noqa: E402
+
+ALL = ["sim", "startup", "aggregate", "scale", "deploy", "datapath"]
+EXTRA = ["profile"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())
+    mem = next((int(line.split()[1]) * 1024 for line in
+                Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), 0)
+    versions = {}
+    for name in ("flwr", "torch", "ray", "numpy"):
+        try:
+            from importlib.metadata import version
+            versions[name] = version(name)
+        except Exception:  # noqa: BLE001
+            versions[name] = "?"
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2**30, 1),
+            "python": platform.python_version(), "load_average_at_start": os.getloadavg(),
+            **versions}
+
+
+def table(rows: list[Row]) -> str:
+    out = ["| figure | measured | target | plain-Flower figure (issue) |", "|---|---|---|---|"]
+    for r in rows:
+        cells = [r.figure, r.measured, r.target, r.plain_flower]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=",".join(ALL),
+                        help=f"comma-separated, from {ALL + EXTRA} (default: {','.join(ALL)})")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
+    parser.add_argument("--rounds-cnn", type=int, default=3)
+    parser.add_argument("--rounds-mlp", type=int, default=4)
+    parser.add_argument("--deploy-rounds", type=int, default=3)
+    parser.add_argument("--agg-sizes", default="10,100,1000")
+    parser.add_argument("--scale-sizes", default="1000,10000")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch/OpenMP threads in every process (OMP_NUM_THREADS, "
+                             "FL_APP_TORCH_THREADS); default: torch's own (one per core). On a "
+                             "machine other jobs load, 2 OpenMP threads per process can make "
+                             "a CNN step 10x slower: use 1 there")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    args = parser.parse_args()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(ALL + EXTRA)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {ALL + EXTRA}")
+
+    if args.torch_threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FL_APP_TORCH_THREADS"):
+            os.environ[var] = str(args.torch_threads)  # inherited by every process started
+    work = Path(tempfile.mkdtemp(prefix="fl_bench_"))
+    info = machine()
+    info["torch_threads"] = args.torch_threads or "torch's default (one per core)"
+    started = time.time()
+    print(f"bench: parts {parts}; work folder {work}; load average {info['load_average_at_start']}",
+          flush=True)
+    results: dict[str, Part] = {}
+
+    def attempt(name: str, fn) -> None:
+        """Run one part; a part that fails is reported in the table, the others still run."""
+        t0 = time.time()
+        print(f"bench: {name} ...", flush=True)
+        try:
+            out = fn()
+        except Exception as err:  # noqa: BLE001 - one broken part must not lose the rest
+            traceback.print_exc()
+            results[name] = Part([Row(f"{name}: FAILED", f"{type(err).__name__}: "
+                                      f"{str(err).splitlines()[0][:200] if str(err) else ''}")])
+            return
+        for key, part in (out if isinstance(out, dict) else {name: out}).items():
+            results[key] = part
+        print(f"bench: {name} done in {time.time() - t0:.0f} s", flush=True)
+
+    try:
+        if "aggregate" in parts:
+            from bench import aggregate
+            sizes = tuple(int(c) for c in args.agg_sizes.split(","))
+            attempt("aggregate", lambda: aggregate.run(sizes))
+        if "datapath" in parts:
+            from bench import datapath
+            attempt("datapath", lambda: datapath.run(work / "datapath"))
+        if "sim" in parts or "startup" in parts:
+            from bench import sim
+
+            def simulation() -> dict[str, Part]:
+                sim_part, start_part = sim.run(work / "sim", args.rounds_cnn, args.rounds_mlp,
+                                               startup_only="sim" not in parts)
+                return ({"sim": sim_part} if "sim" in parts else {}) | (
+                    {"startup": start_part} if "startup" in parts else {})
+            attempt("sim" if "sim" in parts else "startup", simulation)
+        if "startup" in parts or "profile" in parts:
+            from bench import profile
+            attempt("profile", lambda: profile.run(work / "profile",
+                                                   profile_messages="profile" in parts))
+        if "scale" in parts:
+            from bench import scale
+            sizes = tuple(int(n) for n in args.scale_sizes.split(","))
+            attempt("scale", lambda: scale.run(work / "scale", sizes))
+        if "deploy" in parts:
+            from bench import deploy
+            attempt("deploy", lambda: deploy.run(work / "deploy", args.deploy_rounds))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    order = ["sim", "startup", "profile", "aggregate", "scale", "deploy", "datapath"]
+    rows = [row for name in order if name in results for row in results[name].rows]
+    info["load_average_at_end"] = os.getloadavg()
+    info["seconds"] = round(time.time() - started, 1)
+    script = Path(sys.argv[0]).resolve()
+    script = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    command = "python " + " ".join(shlex.quote(str(a)) for a in [script, *sys.argv[1:]])
+    text = table(rows)
+    print("\n" + text + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = (f"# Benchmark results\n\nCommand: `{command}` ({info['seconds']:.0f} s), "
+              f"{datetime.now():%Y-%m-%d %H:%M}.\n\nMachine: {info['cpu']}, {info['cores']} "
+              f"cores, {info['memory_gb']} GB; Python {info['python']}, flwr {info['flwr']}, "
+              f"torch {info['torch']}, ray {info['ray']}, numpy {info['numpy']}; torch threads: "
+              f"{info['torch_threads']}. Load average "
+              f"{' / '.join(f'{x:.1f}' for x in info['load_average_at_start'])} at the start, "
+              f"{' / '.join(f'{x:.1f}' for x in info['load_average_at_end'])} at the end "
+              f"(above the core count, every time here is inflated).\n\n"
+              "✓ / ✗: meets / misses the target. Plain-Flower figures are the issue's "
+              "measurements of Flower without this project's work.\n\n")
+    (args.out / "results.md").write_text(header + text + "\n")
+    payload = {"command": command, "machine": info,
+               "parts": {name: {"rows": [vars(r) for r in p.rows], "data": p.data}
+                         for name, p in results.items()}}
+    (args.out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+    print(f"bench: wrote {args.out / 'results.md'} and results.json "
+          f"({info['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

