@@ -12,8 +12,10 @@ its parts), datapath (Message → first training step), profile (py-spy of a sim
 processes, start-up parts alone; not in the default set).
 
 Prints one table (figure | measured | target | plain Flower, from the issue) and writes it, with
-the machine and the command, to docs/bench/results.md, and every number to
-docs/bench/results.json. Benchmarks print figures; tests check correctness: nothing here
+the machine and, for each part, when, under which load and by which command it was measured,
+to docs/bench/results.md, and every number to docs/bench/results.json. Each part is saved as
+soon as it is done; parts not run now are kept from earlier runs (`--fresh` drops them), so one
+part can be re-measured alone. Benchmarks print figures; tests check correctness: nothing here
 asserts a timing. Every process started is stopped by PID (local SuperLinks by their
 FLWR_HOME, Ray by its own temp dir), never by name.
 """
@@ -68,6 +70,38 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+ORDER = ["sim", "startup", "profile", "aggregate", "scale", "deploy", "datapath"]
+
+
+def write(out: Path, parts: dict[str, dict]) -> str:
+    """Write results.json (every part: its rows, data, command, machine and load) and
+    results.md (one table, then when and how each part was measured); return the table."""
+    rows = [Row(**r) for name in ORDER if name in parts for r in parts[name]["rows"]]
+    text = table(rows)
+    runs = []
+    for name in ORDER:
+        if name not in parts:
+            continue
+        m = parts[name]["machine"]
+        load = " / ".join(f"{x:.1f}" for x in m["load_average_at_start"])
+        runs.append(f"| {name} | {parts[name]['finished']} | {parts[name]['seconds']:.0f} s | "
+                    f"{load} | {m['torch_threads']} | `{parts[name]['command']}` |")
+    m = next(iter(parts.values()))["machine"]
+    header = (
+        "# Benchmark results\n\n"
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; Python {m['python']}, "
+        f"flwr {m['flwr']}, torch {m['torch']}, ray {m['ray']}, numpy {m['numpy']}. "
+        "✓ / ✗: meets / misses the target. Plain-Flower figures are the issue's measurements "
+        "of Flower without this project's work. Times taken with a load average above the "
+        "core count are inflated.\n\n")
+    how = ("\n\n| part | measured | took | load average at its start | torch threads | "
+           "command |\n|---|---|---|---|---|---|\n" + "\n".join(runs) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(header + text + how)
+    (out / "results.json").write_text(json.dumps({"parts": parts}, indent=2, default=str))
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +119,9 @@ def main() -> None:
                              "machine other jobs load, 2 OpenMP threads per process can make "
                              "a CNN step 10x slower: use 1 there")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="drop the parts of earlier runs from results.json (default: keep "
+                             "them, replacing only the parts run now)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - set(ALL + EXTRA)
@@ -98,23 +135,38 @@ def main() -> None:
     info = machine()
     info["torch_threads"] = args.torch_threads or "torch's default (one per core)"
     started = time.time()
-    print(f"bench: parts {parts}; work folder {work}; load average {info['load_average_at_start']}",
+    print(f"bench: parts {parts}; work folder {work}; load average {os.getloadavg()}",
           flush=True)
-    results: dict[str, Part] = {}
+    script = Path(sys.argv[0]).resolve()
+    script = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    command = "python " + " ".join(shlex.quote(str(a)) for a in [script, *sys.argv[1:]])
+    previous = args.out / "results.json"
+    saved: dict[str, dict] = {}
+    if previous.exists() and not args.fresh:
+        try:
+            saved = json.loads(previous.read_text()).get("parts", {})
+            saved = {k: v for k, v in saved.items() if "machine" in v}  # this format only
+        except ValueError:
+            saved = {}
 
     def attempt(name: str, fn) -> None:
-        """Run one part; a part that fails is reported in the table, the others still run."""
+        """Run one part and save it at once; a part that fails is reported in the table,
+        the others still run."""
         t0 = time.time()
+        info["load_average_at_start"] = os.getloadavg()
         print(f"bench: {name} ...", flush=True)
         try:
             out = fn()
         except Exception as err:  # noqa: BLE001 - one broken part must not lose the rest
             traceback.print_exc()
-            results[name] = Part([Row(f"{name}: FAILED", f"{type(err).__name__}: "
-                                      f"{str(err).splitlines()[0][:200] if str(err) else ''}")])
-            return
+            out = {name: Part([Row(f"{name}: FAILED", f"{type(err).__name__}: "
+                                   f"{str(err).splitlines()[0][:200] if str(err) else ''}")])}
         for key, part in (out if isinstance(out, dict) else {name: out}).items():
-            results[key] = part
+            saved[key] = {"rows": [vars(r) for r in part.rows], "data": part.data,
+                          "command": command, "machine": dict(info),
+                          "finished": f"{datetime.now():%Y-%m-%d %H:%M}",
+                          "seconds": time.time() - t0}
+        write(args.out, saved)
         print(f"bench: {name} done in {time.time() - t0:.0f} s", flush=True)
 
     try:
@@ -149,33 +201,10 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    order = ["sim", "startup", "profile", "aggregate", "scale", "deploy", "datapath"]
-    rows = [row for name in order if name in results for row in results[name].rows]
-    info["load_average_at_end"] = os.getloadavg()
-    info["seconds"] = round(time.time() - started, 1)
-    script = Path(sys.argv[0]).resolve()
-    script = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
-    command = "python " + " ".join(shlex.quote(str(a)) for a in [script, *sys.argv[1:]])
-    text = table(rows)
-    print("\n" + text + "\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    header = (f"# Benchmark results\n\nCommand: `{command}` ({info['seconds']:.0f} s), "
-              f"{datetime.now():%Y-%m-%d %H:%M}.\n\nMachine: {info['cpu']}, {info['cores']} "
-              f"cores, {info['memory_gb']} GB; Python {info['python']}, flwr {info['flwr']}, "
-              f"torch {info['torch']}, ray {info['ray']}, numpy {info['numpy']}; torch threads: "
-              f"{info['torch_threads']}. Load average "
-              f"{' / '.join(f'{x:.1f}' for x in info['load_average_at_start'])} at the start, "
-              f"{' / '.join(f'{x:.1f}' for x in info['load_average_at_end'])} at the end "
-              f"(above the core count, every time here is inflated).\n\n"
-              "✓ / ✗: meets / misses the target. Plain-Flower figures are the issue's "
-              "measurements of Flower without this project's work.\n\n")
-    (args.out / "results.md").write_text(header + text + "\n")
-    payload = {"command": command, "machine": info,
-               "parts": {name: {"rows": [vars(r) for r in p.rows], "data": p.data}
-                         for name, p in results.items()}}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+    if saved:
+        print("\n" + write(args.out, saved) + "\n")
     print(f"bench: wrote {args.out / 'results.md'} and results.json "
-          f"({info['seconds']:.0f} s)")
+          f"({time.time() - started:.0f} s)")
 
 
 if __name__ == "__main__":
