@@ -40,6 +40,23 @@ def pids_with_cmdline(text: str) -> list[int]:
     return [p for p in pids if p != os.getpid()]
 
 
+def client_workers(owners: list[int]) -> list[int]:
+    """The fl_app client workers (fl_app.client_worker) serving any of the processes `owners`:
+    they run in sessions of their own, outside their SuperNode's process tree."""
+    owned = {str(pid) for pid in owners}
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "fl_app.client_worker" in args and "--owner-pid" in args:
+            index = args.index("--owner-pid") + 1
+            if index < len(args) and args[index] in owned:
+                found.append(int(cmdline.parent.name))
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -49,8 +66,10 @@ def alive(pid: int) -> bool:
 
 
 def stop(pids: list[int], grace: float = 10.0) -> None:
-    """SIGTERM each process and its descendants, then SIGKILL what is still alive."""
+    """SIGTERM each process, its descendants and the client workers they own, then SIGKILL
+    what is still alive."""
     tree = list(dict.fromkeys(p for pid in pids for p in [pid, *descendants(pid)]))
+    tree += [w for w in client_workers(tree) if w not in tree]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in tree:
             try:

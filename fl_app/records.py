@@ -14,7 +14,34 @@ from flwr.app import Array, ArrayRecord
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     """Pack named numpy arrays into an ArrayRecord, keeping the names (state_dict keys)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: to_array(v) for k, v in arrays.items()})
+
+
+_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+
+def to_array(array: np.ndarray) -> Array:
+    """A Flower `Array` holding exactly the bytes `Array(ndarray)` would, copied once.
+
+    `Array(ndarray)` runs `np.save` into a BytesIO and then copies it out: two copies of
+    every model the server sends or a strategy returns. Here the .npy header is made once
+    per (dtype, shape) and joined to the array's buffer.
+    """
+    array = np.asarray(array)
+    if array.dtype.hasobject:
+        return Array(array)
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")  # not ascontiguousarray: it turns 0-d into 1-d
+    key = (array.dtype.str, array.shape)
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            buffer, np.lib.format.header_data_from_array_1_0(array))
+        header = _NPY_HEADERS[key] = buffer.getvalue()
+    data = b"".join((header, memoryview(array).cast("B") if array.size else b""))
+    return Array(dtype=str(array.dtype), shape=tuple(int(n) for n in array.shape),
+                 stype="numpy.ndarray", data=data)
 
 
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from fl_app import training
-from fl_app.client_app import TorchClient
+from fl_app.client_core import TorchClient
 from fl_app.config import compose
 from fl_app.data import ClientData, load_dataset, partition
 from fl_app.models import get_weights, set_weights
@@ -87,7 +87,7 @@ class InProcessGrid:
 
 
 def build_clients(cfg: DictConfig) -> list[TorchClient]:
-    """One TorchClient per partition, as `fl_app.client_app.build_client` makes them, except
+    """One TorchClient per partition, as `fl_app.client_core.build_client` makes them, except
     that they share one model (each fit loads the global model first, and clients run one at
     a time) and the partitioning is computed once for the whole population."""
     torch.manual_seed(cfg.seed)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fl_app import training
-from fl_app.client_app import build_client
+from fl_app.client_core import build_client
 from fl_app.config import compose
 from fl_app.models import MLP
 

@@ -17,7 +17,6 @@ from strategy_helpers import (
 
 from fl_app.strategies import DPNoise, GradientAveraging, PrivacyBudgetExhausted, WeightedFedAvg
 from fl_app.strategies.accounting import epsilon_spent, rounds_within_budget
-from fl_app.strategies.dp import clip_to_norm, global_norm
 
 TINY_SIGMA = 1e-12  # noise this small leaves the hand-computed result intact to ~1e-12
 
@@ -44,21 +43,26 @@ def configure(strategy, model: dict[str, np.ndarray], server_round: int = 1, nod
 # --------------------------------------------------------------------------------------------
 
 def test_clipping_bounds_every_update_norm_and_leaves_small_updates_alone() -> None:
+    """One reply, m = q N = 1, noise ~0: the release moves W by exactly the clipped update."""
     rng = np.random.default_rng(1)
     clip = 2.0
-    for scale in np.geomspace(1e-3, 1e3, 200):
-        update = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=5)}
-        update = {k: v * scale / global_norm(update) for k, v in update.items()}  # norm = scale
-        clipped, was_clipped = clip_to_norm(update, clip)
-        assert global_norm(clipped) <= clip * (1 + 1e-12)
-        assert was_clipped == (scale > clip)
-        if scale <= clip:
-            for key in update:
-                np.testing.assert_array_equal(clipped[key], update[key])
-        else:
-            assert global_norm(clipped) == pytest.approx(clip)
-            for key in update:  # same direction, only shorter
-                np.testing.assert_allclose(clipped[key] * scale / clip, update[key])
+    for scale in np.geomspace(1e-3, 1e3, 40):
+        strategy = dp_strategy(WeightedFedAvg(fraction_train=0.5), num_nodes=2, clip_norm=clip)
+        model = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=5)}
+        update = {k: rng.normal(size=v.shape) for k, v in model.items()}
+        norm = np.sqrt(sum(np.vdot(v, v) for v in update.values()))
+        update = {k: v * scale / norm for k, v in update.items()}  # norm = scale
+        configure(strategy, model)
+        reply = train_reply(1, {k: model[k] + update[k] for k in model}, 10)
+        arrays, metrics = strategy.aggregate_train(1, [reply])
+        moved = {k: v - model[k] for k, v in unpack(arrays).items()}
+
+        moved_norm = np.sqrt(sum(np.vdot(v, v) for v in moved.values()))
+        assert moved_norm <= clip * (1 + 1e-9)
+        assert metrics["num-clipped"] == int(scale > clip)
+        for key in update:  # same direction; shorter only when above the bound
+            expected = update[key] * min(1.0, clip / scale)
+            np.testing.assert_allclose(moved[key], expected, rtol=1e-7, atol=1e-10)  # noise 2e-12
 
 
 def test_noise_on_the_released_mean_has_std_sigma_c_over_m() -> None:

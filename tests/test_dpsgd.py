@@ -10,7 +10,7 @@ from opacus.accountants import RDPAccountant
 from strategy_helpers import FakeGrid, record, set_task_identity, train_reply
 
 from fl_app import training
-from fl_app.client_app import build_client
+from fl_app.client_core import build_client
 from fl_app.config import ConfigError, compose
 from fl_app.models import MLP
 from fl_app.privacy import DPSGD

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from flwr.app import ConfigRecord
 from strategy_helpers import SimulatedGrid, record, serve, set_task_identity, unpack
 
-from fl_app.client_app import build_client
+from fl_app.client_core import build_client
 from fl_app.config import compose
 from fl_app.strategies import GradientAveraging, WeightedFedAvg
 

@@ -7,11 +7,15 @@ from dp_accounting import dp_event, rdp
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from strategy_helpers import record, set_task_identity
 
-from fl_app import client_app
-from fl_app.client_app import build_client
+from fl_app import client_app, client_core
+from fl_app.client_core import build_client
 from fl_app.config import compose
 from fl_app.privacy import LocalDP
-from fl_app.strategies.dp import global_norm
+
+
+def global_norm(update: dict[str, np.ndarray]) -> float:
+    """L2 norm of all arrays together, in float64."""
+    return float(np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in update.values())))
 
 
 class NoNoise:
@@ -123,7 +127,7 @@ def test_client_epsilon_survives_the_clientapp_cache_through_context_state(monke
         return reply.content["metrics"]["local_epsilon"]
 
     first = train_round(1)
-    client_app._cached_client.cache_clear()  # as when the cache evicts this partition's client
+    client_core._cached_client.cache_clear()  # as when the cache evicts this partition's client
     second = train_round(2)
     local = LocalDP(1.0, 1.0, 1e-5, num_clients=4)
     local.releases = 2

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from strategy_helpers import SimulatedGrid, serve, set_task_identity
 
-from fl_app.client_app import build_client
+from fl_app.client_core import build_client
 from fl_app.config import compose
 from fl_app.server_app import run
 

@@ -249,15 +249,18 @@ BAD_KINDS = ["error", "missing-metrics", "missing-arrays", "nan", "inf", "wrong-
              "missing-array", "extra-array", "zero-examples", "negative-examples"]
 
 
+# A list (what Flower's grids return) is summed first and checked in the sum; an iterator is
+# checked reply by reply. Both must drop the same replies and give the same model.
+@pytest.mark.parametrize("container", [list, iter], ids=["list", "stream"])
 @pytest.mark.parametrize("kind", BAD_KINDS)
 def test_bad_reply_is_dropped_and_logged_and_good_replies_still_averaged(
-    kind: str, caplog: pytest.LogCaptureFixture
+    kind: str, container, caplog: pytest.LogCaptureFixture
 ) -> None:
     strategy = WeightedFedAvg()
     start_round(strategy, {"w": np.zeros(2), "b": np.zeros((1, 1))})
     replies = [train_reply(11, GOOD_1, 1), _bad_reply(kind), train_reply(12, GOOD_2, 1)]
     with caplog.at_level(logging.WARNING):
-        arrays, metrics = strategy.aggregate_train(3, replies)
+        arrays, metrics = strategy.aggregate_train(3, container(replies))
 
     got = unpack(arrays)
     np.testing.assert_allclose(got["w"], [2.0, 4.0])
@@ -286,6 +289,21 @@ def test_all_bad_replies_leave_the_global_model_unchanged() -> None:
     assert arrays is None
     assert metrics["num-clients"] == 0 and metrics["num-dropped"] == len(BAD_KINDS)
     np.testing.assert_array_equal(strategy.current["w"], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("container", [list, iter], ids=["list", "stream"])
+def test_an_average_that_overflows_leaves_the_global_model_unchanged(container, caplog) -> None:
+    strategy = WeightedFedAvg()
+    start_round(strategy, {"w": np.ones(2, np.float32)})
+    huge = {"w": np.array([3e38, 1.0], np.float32)}  # finite, but 3e38 + 3e38 is not
+    replies = [train_reply(11, huge, 1), train_reply(12, huge, 1)]
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = strategy.aggregate_train(1, container(replies))
+    if arrays is not None:  # the list path averages with weights 1/2: no overflow, exact
+        np.testing.assert_array_equal(unpack(arrays)["w"], huge["w"])
+    else:
+        assert any("overflows" in r.getMessage() for r in caplog.records)
+        np.testing.assert_array_equal(strategy.current["w"], [1.0, 1.0])
 
 
 def test_no_replies_at_all_returns_no_model() -> None:

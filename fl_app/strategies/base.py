@@ -19,7 +19,7 @@ wrapper clips) and how an averaged update becomes the new global model (`apply_u
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from logging import INFO, WARNING
 
 import numpy as np
@@ -34,9 +34,9 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp.grid import Grid
 from flwr.serverapp.strategy import FedAvg
-from scipy.linalg import blas
 
 from fl_app.records import array_views, from_array_record, to_array_record
+from fl_app.strategies.averaging import all_finite, axpy, weighted_sum
 
 NUM_EXAMPLES = "num-examples"
 
@@ -109,10 +109,13 @@ class MetricAverager:
         )
 
 
-def check_reply(msg: Message, reference: dict[str, np.ndarray]
+def check_reply(msg: Message, reference: dict[str, np.ndarray], check_values: bool = True
                 ) -> tuple[dict[str, np.ndarray], float, MetricRecord]:
     """(arrays, num_examples, metrics) of a train reply that can be aggregated against the
-    global model `reference` (same names and shapes); raise BadReply saying why otherwise."""
+    global model `reference` (same names and shapes); raise BadReply saying why otherwise.
+
+    `check_values=False` skips the pass over the values (NaN / Inf) for a caller that finds
+    them another way: in the sum of all replies, or in the reply's norm."""
     if msg.has_error():
         raise BadReply(f"error reply: {msg.error.reason}")
     if not msg.has_content():
@@ -147,28 +150,20 @@ def check_reply(msg: Message, reference: dict[str, np.ndarray]
     for key, array in arrays.items():
         if not (np.issubdtype(array.dtype, np.number) and np.isrealobj(array)):
             raise BadReply(f"'{key}' has non-numeric dtype {array.dtype}")
-        if not _all_finite(array):
-            raise BadReply(f"'{key}' contains NaN or Inf")
+    if check_values:
+        bad = non_finite_array(arrays)
+        if bad is not None:
+            raise BadReply(f"'{bad}' contains NaN or Inf")
     return arrays, float(num_examples), metrics
 
 
-def _all_finite(array: np.ndarray) -> bool:
-    """One BLAS pass instead of a boolean array the size of the reply: NaN and Inf make the
-    sum of squares non-finite. A sum that overflows (float32 values near 1e19) is confirmed
-    element by element, so a huge but finite reply is not mistaken for a broken one."""
-    flat = array.reshape(-1)
-    if flat.dtype.kind == "f" and math.isfinite(float(np.vdot(flat, flat))):
-        return True
-    return bool(np.all(np.isfinite(flat)))
+def non_finite_array(arrays: dict[str, np.ndarray]) -> str | None:
+    """The name of the first array holding NaN or Inf; None if all values are finite."""
+    return next((key for key, array in arrays.items() if not all_finite(array)), None)
 
 
-def _accumulate(acc: np.ndarray, weight: float, array: np.ndarray) -> None:
-    """acc += weight * array in one pass without a temporary (BLAS axpy where it applies)."""
-    if acc.dtype in (np.float32, np.float64) and acc.flags.c_contiguous and acc.size:
-        axpy = blas.get_blas_funcs("axpy", (acc,))
-        axpy(np.asarray(array, dtype=acc.dtype).reshape(-1), acc.reshape(-1), a=weight)
-    else:
-        acc += weight * array
+def _all_finite(arrays: dict[str, np.ndarray]) -> bool:
+    return non_finite_array(arrays) is None
 
 
 class SampledStrategy(FedAvg):
@@ -224,12 +219,16 @@ class SampledStrategy(FedAvg):
     # What subclasses define
     # ----------------------------------------------------------------------------------------
 
-    def client_update(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Return the update a client's reply stands for (what a DP wrapper clips)."""
+    def update_offset(self) -> dict[str, np.ndarray] | None:
+        """What to subtract from a reply to get the update it stands for (the update a DP
+        wrapper clips): the global model when clients send weights, None when they send the
+        update itself."""
         raise NotImplementedError
 
     def apply_update(self, mean_update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Turn an averaged update into the new global model, store it and return it."""
+        """Turn an averaged update into the new global model, store it and return it.
+
+        `mean_update` is the caller's scratch: its arrays may be reused for the result."""
         raise NotImplementedError
 
     def global_from_mean_reply(self, mean_reply: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -336,39 +335,32 @@ class SampledStrategy(FedAvg):
             )
         return self.current
 
-    def check_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], float, MetricRecord]:
-        """Return (arrays, num_examples, metrics) of a usable reply; raise BadReply otherwise."""
-        return check_reply(msg, self._require_current())
-
-    def iter_valid_updates(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> Iterator[tuple[dict[str, np.ndarray], float, MetricRecord]]:
-        """Yield (arrays, num_examples, metrics) of each usable reply, one at a time.
+    def screen(
+        self, server_round: int, replies: Iterable[Message], check_values: bool = True
+    ) -> Iterator[tuple[Message, dict[str, np.ndarray], float, MetricRecord]]:
+        """Yield (reply, arrays, num_examples, metrics) of each usable reply, one at a time.
 
         Unusable replies are logged at WARNING with node id and reason and recorded in
-        `self.last_dropped`; nothing a client sends can make this raise.
+        `self.last_dropped`; nothing a client sends can make this raise. With
+        `check_values=False` the values are not checked for NaN / Inf (see `check_reply`).
         """
         self.last_dropped = []
-        self._require_current()  # a missing global model is a server bug: let that raise
+        reference = self._require_current()  # no global model is a server bug: let it raise
         for msg in replies:
             try:
-                update = self.check_reply(msg)
+                arrays, num_examples, metrics = check_reply(msg, reference, check_values)
             except BadReply as exc:
-                reason = str(exc)
+                self.drop(server_round, msg, str(exc))
             except Exception as exc:  # noqa: BLE001 - a malformed reply must not end the run
-                reason = f"unreadable reply ({type(exc).__name__}: {exc})"
+                self.drop(server_round, msg, f"unreadable reply ({type(exc).__name__}: {exc})")
             else:
-                yield update
-                continue
-            node_id = msg.metadata.src_node_id
-            self.last_dropped.append(f"node {node_id}: {reason}")
-            log(WARNING, "Round %s: dropping reply from node %s: %s", server_round, node_id, reason)
+                yield msg, arrays, num_examples, metrics
 
-    def valid_updates(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> list[tuple[dict[str, np.ndarray], float, MetricRecord]]:
-        """The usable replies as (arrays, num_examples, metrics); see `iter_valid_updates`."""
-        return list(self.iter_valid_updates(server_round, replies))
+    def drop(self, server_round: int, msg: Message, reason: str) -> None:
+        """Leave a reply out of the round: log why and record it in `last_dropped`."""
+        node_id = msg.metadata.src_node_id
+        self.last_dropped.append(f"node {node_id}: {reason}")
+        log(WARNING, "Round %s: dropping reply from node %s: %s", server_round, node_id, reason)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -377,27 +369,75 @@ class SampledStrategy(FedAvg):
 
         With no usable reply the global model stays as it is and the ArrayRecord is None.
         """
-        current = self._require_current()
-        sums = {k: np.zeros_like(v) for k, v in current.items()}
-        total_weight = 0.0
         averager = MetricAverager(self.client_epsilon_max)
-        for arrays, num_examples, metrics in self.iter_valid_updates(server_round, replies):
-            weight = num_examples if self.weighted else 1.0
-            for key, acc in sums.items():
-                _accumulate(acc, weight, arrays[key])
-            total_weight += weight
-            averager.add(num_examples, metrics)
+        if isinstance(replies, Sequence):
+            mean = self._mean_of_sequence(server_round, replies, averager)
+        else:
+            mean = self._mean_of_stream(server_round, replies, averager)
 
         metrics_out = averager.record()
         metrics_out["num-dropped"] = len(self.last_dropped)
-        if averager.num_clients == 0:
+        if mean is None:
             log(WARNING, "Round %s: no usable reply (%d dropped); global model unchanged.",
                 server_round, len(self.last_dropped))
             return None, metrics_out
+        if not _all_finite(mean):
+            log(WARNING, "Round %s: the average of %d finite replies overflows %s; global model "
+                "unchanged. Lower the learning rate or clip the clients' updates.",
+                server_round, averager.num_clients, next(iter(mean.values())).dtype)
+            return None, metrics_out
+        return self.to_record(self.global_from_mean_reply(mean)), metrics_out
+
+    def _weight(self, num_examples: float) -> float:
+        return num_examples if self.weighted else 1.0
+
+    def _mean_of_sequence(self, server_round: int, replies: Sequence[Message],
+                          averager: MetricAverager) -> dict[str, np.ndarray] | None:
+        """The mean when the replies are all at hand (what Flower's grids return): each reply is
+        read once, into the sum, and NaN / Inf is looked for in the sum only. Only when the sum
+        is not finite is each reply checked, the broken ones dropped and the mean taken again.
+        """
+        kept = list(self.screen(server_round, replies, check_values=False))
+        mean = self._weighted_mean(kept)
+        if mean is not None and not _all_finite(mean):
+            checked = []
+            for msg, arrays, num_examples, metrics in kept:
+                bad = non_finite_array(arrays)
+                if bad is None:
+                    checked.append((msg, arrays, num_examples, metrics))
+                else:
+                    self.drop(server_round, msg, f"'{bad}' contains NaN or Inf")
+            kept = checked
+            mean = self._weighted_mean(kept)
+        for _, _, num_examples, metrics in kept:
+            averager.add(num_examples, metrics)
+        return mean
+
+    def _weighted_mean(self, kept: list) -> dict[str, np.ndarray] | None:
+        if not kept:
+            return None
+        weights = [self._weight(num_examples) for _, _, num_examples, _ in kept]
+        total = sum(weights)
+        return weighted_sum(self._require_current(), [arrays for _, arrays, _, _ in kept],
+                            [w / total for w in weights])
+
+    def _mean_of_stream(self, server_round: int, replies: Iterable[Message],
+                        averager: MetricAverager) -> dict[str, np.ndarray] | None:
+        """The mean of replies that arrive one at a time: each is checked, then added to
+        preallocated sums and let go, so memory does not grow with their number."""
+        sums = {k: np.zeros_like(v) for k, v in self._require_current().items()}
+        total_weight = 0.0
+        for _, arrays, num_examples, metrics in self.screen(server_round, replies):
+            weight = self._weight(num_examples)
+            for key, acc in sums.items():
+                axpy(acc, weight, arrays[key])
+            total_weight += weight
+            averager.add(num_examples, metrics)
+        if averager.num_clients == 0:
+            return None
         for acc in sums.values():
             acc /= total_weight
-        new_global = self.global_from_mean_reply(sums)
-        return self.to_record(new_global), metrics_out
+        return sums
 
     def commit(self, new_global: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Make `new_global` the current model (float arrays) and return it."""

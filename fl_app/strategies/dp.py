@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fl_app.strategies.accounting import epsilon_spent, update_noise_multiplier
 from fl_app.strategies.adaptive_clipping import QuantileClipNorm
+from fl_app.strategies.averaging import axpy, update_and_squared_norm
 from fl_app.strategies.base import MetricAverager, SampledStrategy
 
 _ROUNDS_DONE = "dp.rounds-done"
@@ -44,20 +45,9 @@ class PrivacyBudgetExhausted(RuntimeError):
     """The next round would push epsilon past `max_epsilon`; the server should stop here."""
 
 
-def global_norm(update: dict[str, np.ndarray]) -> float:
-    """L2 norm of all arrays of an update taken together (as one flat vector)."""
-    return math.sqrt(sum(float(np.vdot(v, v)) for v in update.values()))
-
-
-def clip_to_norm(
-    update: dict[str, np.ndarray], clip_norm: float
-) -> tuple[dict[str, np.ndarray], bool]:
-    """Scale `update` by min(1, clip_norm / ||update||); return it and whether it was scaled."""
-    norm = global_norm(update)
-    if norm <= clip_norm:
-        return update, False
-    scale = clip_norm / norm
-    return {k: v * scale for k, v in update.items()}, True
+def clip_scale(norm: float, clip_norm: float) -> float:
+    """min(1, C / ||u||): the factor that brings an update of L2 norm `norm` within C."""
+    return 1.0 if norm <= clip_norm else clip_norm / norm
 
 
 class DPNoise(Strategy):
@@ -100,7 +90,7 @@ class DPNoise(Strategy):
         if not isinstance(strategy, SampledStrategy):
             raise TypeError(
                 f"DPNoise wraps an fl_app SampledStrategy (WeightedFedAvg or GradientAveraging), "
-                f"got {type(strategy).__name__}: it needs client_update/apply_update."
+                f"got {type(strategy).__name__}: it needs update_offset/apply_update."
             )
         if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1:
             raise ValueError(
@@ -151,6 +141,8 @@ class DPNoise(Strategy):
         self.rounds_done = 0
         self.epsilon = 0.0
         self._noise_rng = np.random.default_rng(noise_seed)
+        # The next release's noise, drawn while the clients train: (round, C, noise / m).
+        self._next_noise: tuple[int, float, dict[str, np.ndarray]] | None = None
         if clipping not in CLIPPING_MODES:
             raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}.")
         self.clipping = clipping
@@ -213,7 +205,27 @@ class DPNoise(Strategy):
         log(INFO, "configure_train (DP): Poisson-sampled %d of %d nodes (q = %g)",
             len(chosen), len(node_ids), self.sample_rate)
         messages = self.inner.build_train_messages(server_round, arrays, config, chosen)
+        # Drawing N(0, sigma² C²) for every parameter takes as long as averaging ~20 CNN
+        # replies; the server is idle until the replies come, so it is drawn now. Same
+        # generator, same order: the released model is what drawing it later would give.
+        self._next_noise = (server_round, self.clip_norm, self._draw_noise(self.clip_norm))
         return messages
+
+    def _draw_noise(self, clip: float) -> dict[str, np.ndarray]:
+        """N(0, (sigma_u C)²) / m for every parameter, in the model's float dtypes."""
+        std = self.update_noise_multiplier * clip
+        noise = {}
+        for key, weights in self.inner.current.items():
+            draw = self._noise_rng.normal(0.0, std, size=weights.shape)
+            draw /= self.expected_clients
+            noise[key] = draw.astype(weights.dtype, copy=False)
+        return noise
+
+    def _take_noise(self, server_round: int, clip: float) -> dict[str, np.ndarray]:
+        pending, self._next_noise = self._next_noise, None
+        if pending is not None and pending[:2] == (server_round, clip):
+            return pending[2]
+        return self._draw_noise(clip)  # aggregate_train called without configure_train
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -228,20 +240,30 @@ class DPNoise(Strategy):
         if current is None:
             raise RuntimeError("DPNoise.aggregate_train called before configure_train.")
         clip = self.clip_norm  # this round's C (adaptive clipping changes it afterwards)
+        m = self.expected_clients
+        offset = self.inner.update_offset()  # update = reply - offset
+        # Each update is formed and its norm taken in one pass, chunk by chunk, into one
+        # model-sized scratch buffer that is reused for every reply; then s_i / m times it is
+        # added to the sum. Memory: the sum and the scratch, whatever the number of replies.
         total = {k: np.zeros_like(v) for k, v in current.items()}
+        scratch = {} if offset is None else {k: np.empty_like(v) for k, v in current.items()}
         averager = MetricAverager(self.inner.client_epsilon_max)
         num_clipped = 0
-        for arrays, num_examples, metrics in self.inner.iter_valid_updates(server_round, replies):
-            clipped, was_clipped = clip_to_norm(self.inner.client_update(arrays), clip)
-            num_clipped += int(was_clipped)
+        for msg, arrays, num_examples, metrics in self.inner.screen(
+                server_round, replies, check_values=False):
+            update, squared = update_and_squared_norm(arrays, offset, scratch)
+            if not math.isfinite(squared):  # NaN or Inf in the reply: it cannot be clipped
+                self.inner.drop(server_round, msg, "its update contains NaN or Inf")
+                continue
+            scale = clip_scale(math.sqrt(squared), clip)
+            num_clipped += int(scale < 1.0)
             for key, acc in total.items():
-                acc += clipped[key]
+                axpy(acc, scale / m, update[key])
             averager.add(num_examples, metrics)
 
-        noise_std = self.update_noise_multiplier * clip
-        for acc in total.values():
-            acc += self._noise_rng.normal(0.0, noise_std, size=acc.shape)
-            acc /= self.expected_clients
+        noise = self._take_noise(server_round, clip)
+        for key, acc in total.items():
+            acc += noise[key]
         new_global = self.inner.apply_update(total)
 
         self.rounds_done += 1

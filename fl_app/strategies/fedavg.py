@@ -17,15 +17,15 @@ class WeightedFedAvg(SampledStrategy):
     mode = "weights"
     weighted = True
 
-    def client_update(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The client's model delta W_i - W (what DP-FedAvg clips)."""
-        current = self._require_current()
-        return {k: arrays[k] - current[k] for k in current}
+    def update_offset(self) -> dict[str, np.ndarray]:
+        """The global model: a client's update is its delta W_i - W (what DP-FedAvg clips)."""
+        return self._require_current()
 
     def apply_update(self, mean_update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """W + mean delta."""
-        current = self._require_current()
-        return self.commit({k: current[k] + mean_update[k] for k in current})
+        """W + mean delta, in the mean's own arrays."""
+        for key, weights in self._require_current().items():
+            mean_update[key] += weights
+        return self.commit(mean_update)
 
     def global_from_mean_reply(self, mean_reply: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The mean of the replied weights already is the new model."""

@@ -53,10 +53,9 @@ class GradientAveraging(SampledStrategy):
         """The clients' gradient batch: 0 means the whole local set (∇ of 1/N Σ L)."""
         return {"batch-size": self.batch_size or 0}
 
-    def client_update(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The reply itself: it is the client's gradient (what DP-FedSGD clips)."""
-        current = self._require_current()
-        return {k: np.asarray(arrays[k], dtype=current[k].dtype) for k in current}
+    def update_offset(self) -> None:
+        """None: the reply itself is the client's gradient (what DP-FedSGD clips)."""
+        return None
 
     def apply_update(self, mean_update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One (momentum) SGD step on the averaged gradient."""
@@ -73,7 +72,13 @@ class GradientAveraging(SampledStrategy):
                 velocity *= self.server_momentum
                 velocity += mean_update[key]
             step = self.velocity
-        return self.commit({k: current[k] - self.server_lr * step[k] for k in current})
+        new = {}
+        for key, weights in current.items():
+            out = mean_update[key]  # already folded into the step: reuse its memory
+            np.multiply(step[key], -self.server_lr, out=out)
+            out += weights
+            new[key] = out
+        return self.commit(new)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The momentum velocity, as flat `velocity.<array name>` entries."""

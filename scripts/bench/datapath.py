@@ -22,8 +22,9 @@ from bench.common import Part, Row, first, fmt_s, python_child, read_stamps, sta
 CHILD = r"""
 import json, sys, time
 t0 = time.time()
-import fl_app.client_app as ca
+import fl_app.client_core
 t_import = time.time()
+import fl_app.client_app as ca
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from fl_app.inprocess import _set_identity
 from fl_app.config import compose
@@ -130,7 +131,7 @@ def run(work: Path) -> Part:
             fmt_s(m_other["to_first_step"])),
         Row("  Flower's dispatch: app(message) → the app's train handler",
             f"{m_same['dispatch'] * 1e3:.1f} ms"),
-        Row("  importing fl_app.client_app (flwr + torch + the app) in a fresh process",
+        Row("  importing fl_app.client_core (flwr + torch + the app) in a fresh process",
             fmt_s(warm["import_client_app"])),
     ]
     if csv:

@@ -39,7 +39,7 @@ GROUPS = [
     ("torch state_dict <-> ndarrays", "get_weights (fl_app/models.py"),
     ("torch state_dict <-> ndarrays", "set_weights (fl_app/models.py"),
     ("fl_app strategy (aggregate, checks)", "fl_app/strategies"),
-    ("fl_app ClientApp bridge (client cache, build)", "fl_app/client_app.py"),
+    ("fl_app ClientApp bridge (client cache, build)", "fl_app/client_core.py"),
     ("Ray: (de)serialising task arguments and results", "serializ"),
     ("Ray: actor pool", "ray_actor.py"),
     ("Ray: driver / worker loop", "ray/_private/worker.py"),
@@ -170,7 +170,7 @@ def startup_components() -> dict:
     out["python interpreter (nothing imported)"] = time.time() - t
     for module in ("flwr.cli.app", "flwr.superlink.cli", "flwr.simulation.app",
                    "flwr.supernode.cli", "ray", "torch", "hydra.compose", "fl_app.server_app",
-                   "fl_app.client_app"):
+                   "fl_app.client_app", "fl_app.client_core"):
         code = f"import sys; sys.argv = ['x', {module!r}]\n" + IMPORT
         out[f"import {module}"] = python_child(code)["seconds"]
     out["first torch.optim.SGD(...) of a process (it imports torch._dynamo)"] = python_child(

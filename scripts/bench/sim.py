@@ -49,7 +49,7 @@ t_start = time.time()
 import numpy as np, torch
 from hydra.utils import instantiate
 from fl_app import training
-from fl_app.client_app import build_client
+from fl_app.client_core import build_client
 from fl_app.config import compose
 from fl_app.data import load_dataset
 from fl_app.models import get_weights, set_weights
@@ -88,8 +88,8 @@ t_start = time.time()
 from fl_app.inprocess import run
 model_name, rounds, n, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 if sys.argv[5:] == ["all-clients-cached"]:  # experiment: a client cache that holds every client
-    import fl_app.client_app as ca
-    ca._cached_client = functools.lru_cache(maxsize=None)(ca._cached_client.__wrapped__)
+    import fl_app.client_core as cc
+    cc._cached_client = functools.lru_cache(maxsize=None)(cc._cached_client.__wrapped__)
 summary = run([f"model={model_name}", f"num_rounds={rounds}", f"output_dir={out}"], n)
 rows = [json.loads(r) for r in open(out + "/metrics.jsonl")]
 print(json.dumps({"round_seconds": [r["seconds"] for r in rows],
@@ -183,7 +183,7 @@ def run(work: Path, rounds_cnn: int = 4, rounds_mlp: int = 5, variants=(None, "1
             cached = in_process(model, rounds[model], work, all_cached=True)
             sim.data[f"in-process app {model}, every client cached"] = cached
             sim.rows.append(Row("    the same with a client cache holding all 20 clients "
-                                "(experiment: fl_app.client_app._cached_client unbounded)",
+                                "(experiment: fl_app.client_core._cached_client unbounded)",
                                 f"{median(cached['round_seconds'][1:]) / plain_s:.2f}× plain"))
         for cpus in (variants if not startup_only else (None,)):
             run = flower(model, rounds[model], work, cpus)

@@ -7,7 +7,7 @@ app's code is not changed: a few fl_app functions are wrapped when their module 
 
 Events: process-start (with argv); flwr-entry (the process's flwr entry-point module has been
 imported: flwr-clientapp's, flwr-simulation's); app-load (the first `import fl_app...` begins);
-torch (torch has been imported); imports (fl_app.client_app, with flwr and torch, has been
+torch (torch has been imported); imports (fl_app.client_core, with flwr and torch, has been
 imported); server-run; round-start / round-end; handler (the ClientApp's train handler asked
 for its client: the Message has arrived); train-start / train-end (the local SGD loop);
 gradient-start / gradient-end; backward (the process's first backward pass: its first
@@ -53,7 +53,7 @@ def _entered(fn, name: str):
 # module globals at call time are wrapped, so wrapping the module attribute takes effect.
 _PATCHES = {
     "fl_app.training": [("train", _timed, "train"), ("gradient", _timed, "gradient")],
-    "fl_app.client_app": [("_client", _entered, "handler")],
+    "fl_app.client_core": [("_client", _entered, "handler")],
     "fl_app.server_app": [("train_round", _timed, "round"), ("run", _entered, "server-run")],
 }
 
@@ -105,8 +105,8 @@ def _patch(module) -> None:
         fn = getattr(module, attr, None)
         if callable(fn) and not hasattr(fn, "__wrapped__"):
             setattr(module, attr, factory(fn, event))
-    if module.__name__ == "fl_app.client_app":
-        stamp("imports")  # the ClientApp module imports flwr and torch at its top
+    if module.__name__ == "fl_app.client_core":
+        stamp("imports")  # the client's module imports flwr and torch at its top
 
 
 if _PATH:

@@ -1,0 +1,186 @@
+"""The client's work: a NumPyClient that wraps local PyTorch training, and what a train or
+evaluate message becomes for it (`handle`).
+
+This is the heavy half of the ClientApp (torch, the model, the data). `fl_app.client_app` runs
+it in the process that received the message, or hands the message to a persistent worker
+process that keeps it loaded (`fl_app.client_worker`).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.client import NumPyClient
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from fl_app import training
+from fl_app.config import compose, overrides_from_run_config
+from fl_app.data import ClientData, client_data, local_data
+from fl_app.models import get_weights, set_weights
+from fl_app.privacy import DPSGD, LocalDP
+from fl_app.privacy import from_config as client_privacy
+from fl_app.records import to_array_record
+
+
+class TorchClient(NumPyClient):
+    """Trains a torch model on one client's data; numpy in, numpy out.
+
+    `fit` runs E local epochs and returns the new weights, or, when the server's config says
+    mode="gradient" (FedSGD), returns the gradient of the local loss at the received weights.
+    A "proximal-mu" in the config (Flower's FedProx) adds mu/2·||w − w_received||² to the
+    local loss.
+    `privacy` (fl_app.privacy): DP-SGD replaces the local SGD; local DP clips and noises the
+    update before it is returned, and the reply's metrics then hold the client's epsilon
+    instead of its training loss.
+    """
+
+    def __init__(self, model: torch.nn.Module, data: ClientData, local_epochs: int,
+                 batch_size: int | None, lr: float, seed: int,
+                 privacy: LocalDP | DPSGD | None = None) -> None:
+        self.model, self.data = model, data
+        self.local_epochs, self.batch_size, self.lr, self.seed = local_epochs, batch_size, lr, seed
+        self.keys = list(model.state_dict())
+        self.privacy = privacy
+        if isinstance(privacy, DPSGD):
+            privacy.check_dataset_size(len(data.y_train))
+
+    def get_parameters(self, config: dict) -> list[np.ndarray]:
+        return list(get_weights(self.model).values())
+
+    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        self._load(parameters)
+        # A different but reproducible batch order every round.
+        seed = self.seed * 1_000_003 + int(config.get("server-round", 0))
+        x, y = self.data.x_train, self.data.y_train
+        if config.get("mode", "weights") == "gradient":
+            if isinstance(self.privacy, DPSGD):
+                raise ValueError("privacy=dpsgd trains locally, but the server asks for gradients "
+                                 "(FedSGD): use strategy=fedavg or dp_fedavg, or privacy=local.")
+            # The server's protocol decides the gradient batch (0: the whole local set).
+            batch = int(config.get("batch-size", self.batch_size or 0)) or None
+            grads, loss, n = training.gradient(self.model, x, y, batch, seed)
+            reply = self._private([grads[k].numpy() for k in self.keys])
+            return reply, n, self._metrics(loss)
+        mu = float(config.get("proximal-mu", 0.0))  # FedProx's proximal term weight
+        if isinstance(self.privacy, DPSGD):
+            loss, self.privacy.history = training.train_dpsgd(
+                self.model, x, y, self.local_epochs, self.batch_size, self.lr,
+                self.privacy.noise_multiplier, self.privacy.max_grad_norm, self.privacy.history,
+                proximal_mu=mu)
+        else:
+            loss = training.train(self.model, x, y, self.local_epochs, self.batch_size, self.lr,
+                                  seed, proximal_mu=mu)
+        weights = self._private(self.get_parameters({}), received=parameters)
+        return weights, len(y), self._metrics(loss)
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        self._load(parameters)
+        loss, acc = training.evaluate(self.model, self.data.x_val, self.data.y_val)
+        return loss, len(self.data.y_val), {"accuracy": acc}
+
+    def _private(self, reply: list[np.ndarray],
+                 received: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """With local DP, the reply with its update clipped and noised; else the reply as is.
+
+        The update is the gradient itself, or the weight delta against `received`; the server
+        knows `received`, so it learns the noisy delta and nothing more.
+        """
+        if not isinstance(self.privacy, LocalDP):
+            return reply
+        base = received or [np.zeros_like(r) for r in reply]
+        noisy = self.privacy.privatize(
+            {k: r - b for k, r, b in zip(self.keys, reply, base, strict=True)})
+        return [(b + noisy[k]).astype(r.dtype) for k, r, b in zip(self.keys, reply, base,
+                                                                  strict=True)]
+
+    def _metrics(self, loss: float) -> dict:
+        # With client-side DP the loss on private data is not released: only the epsilon.
+        return {"train_loss": loss} if self.privacy is None else self.privacy.metrics()
+
+    def _load(self, parameters: list[np.ndarray]) -> None:
+        if len(parameters) != len(self.keys):
+            raise ValueError(f"Received {len(parameters)} arrays, the model has {len(self.keys)}.")
+        set_weights(self.model, dict(zip(self.keys, parameters, strict=True)))
+
+
+def build_client(cfg: DictConfig, partition_id: int, num_partitions: int,
+                 data_dir: str | None = None) -> TorchClient:
+    """The TorchClient for one partition of the composed config, or for a SuperNode's own
+    data folder (`data_dir`, holding train.npz) instead of a partition."""
+    if data_dir is None and cfg.num_clients is not None and cfg.num_clients != num_partitions:
+        raise ValueError(
+            f"This federation has {num_partitions} partitions (SuperNodes) but the config says "
+            f"num_clients={cfg.num_clients}. Start the run with --federation-config "
+            f"'num-supernodes={cfg.num_clients}' (or num-partitions={cfg.num_clients} on every "
+            f"SuperNode), or override num_clients={num_partitions} (null = follow the federation)."
+        )
+    torch.manual_seed(cfg.seed)
+    model = instantiate(cfg.model)
+    data = (local_data(cfg, data_dir, partition_id) if data_dir
+            else client_data(cfg, partition_id, num_partitions))
+    return TorchClient(model, data, cfg.local_epochs, cfg.batch_size, cfg.lr,
+                       seed=cfg.seed * 7919 + partition_id,
+                       privacy=client_privacy(cfg.privacy, cfg.num_clients or num_partitions))
+
+
+# A simulation process serves many partitions in turn; with 8 entries, 20 clients on 2 actors
+# rebuilt a client for almost every message (17% of an actor's time on the 2NN, py-spy).
+# 32 cover a typical round's sample; a CNN client holds ~7 MB, so at most ~220 MB per process.
+@lru_cache(maxsize=32)
+def _cached_client(run_config: tuple, partition_id: int, num_partitions: int,
+                   data_dir: str | None) -> TorchClient:
+    training.setup_torch(int(os.environ.get("FL_APP_TORCH_THREADS", "0")) or None)
+    cfg = compose(overrides_from_run_config(dict(run_config)))
+    return build_client(cfg, partition_id, num_partitions, data_dir)
+
+
+def _client(context: Context) -> TorchClient:
+    # A simulated ClientApp process serves many partitions: one cached client each.
+    node = context.node_config
+    data_dir = node.get("data-dir")
+    if data_dir is None and not {"partition-id", "num-partitions"} <= set(node):
+        raise ValueError("This SuperNode has no data: start it with --node-config "
+                         "'partition-id=I num-partitions=N', or 'data-dir=\"/path\"' to a "
+                         "folder holding train.npz (see fl_app.deploy.partitions).")
+    return _cached_client(tuple(sorted(context.run_config.items())),
+                          int(node.get("partition-id", 0)),
+                          int(node.get("num-partitions", 1)),
+                          str(data_dir) if data_dir is not None else None)
+
+
+def _ndarrays(client: TorchClient, record: ArrayRecord) -> list[np.ndarray]:
+    if set(record) != set(client.keys):
+        raise ValueError(f"Server sent arrays {sorted(record)}, the model has {client.keys}: "
+                         "server and clients must use the same model config.")
+    return [record[k].numpy() for k in client.keys]
+
+
+# The client's privacy accounting lives in the node's Context.state, which Flower keeps for the
+# whole run: a client evicted from the cache above is rebuilt with its epsilon intact.
+_PRIVACY_STATE = "privacy"
+
+
+def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
+    """The reply content to a "train" or "evaluate" message's `content`; the client's privacy
+    state is read from and written back to `context.state`."""
+    client = _client(context)
+    params = _ndarrays(client, content["arrays"])
+    config = dict(content["config"])
+    if kind == "evaluate":
+        loss, num_examples, metrics = client.evaluate(params, config)
+        return RecordDict({"metrics": MetricRecord({**metrics, "loss": loss,
+                                                    "num-examples": num_examples})})
+    if kind != "train":
+        raise ValueError(f"Unknown message kind {kind!r}: expected 'train' or 'evaluate'.")
+    if client.privacy is not None and _PRIVACY_STATE in context.state:
+        client.privacy.load_state(dict(context.state[_PRIVACY_STATE]))
+    arrays, num_examples, metrics = client.fit(params, config)
+    if client.privacy is not None:
+        context.state[_PRIVACY_STATE] = ConfigRecord(client.privacy.state())
+    return RecordDict({"arrays": to_array_record(dict(zip(client.keys, arrays, strict=True))),
+                       "metrics": MetricRecord({**metrics, "num-examples": num_examples})})
