@@ -40,10 +40,11 @@ def pids_with_cmdline(text: str) -> list[int]:
     return [p for p in pids if p != os.getpid()]
 
 
-def client_workers(owners: list[int]) -> list[int]:
-    """The fl_app client workers (fl_app.client_worker) serving any of the processes `owners`:
-    they run in sessions of their own, outside their SuperNode's process tree."""
-    owned = {str(pid) for pid in owners}
+def client_workers(owners: list[int] | None = None) -> list[int]:
+    """The fl_app client workers (fl_app.client_worker) serving any of the processes `owners`
+    (all of this machine's when None): they run in sessions of their own, outside their
+    SuperNode's process tree."""
+    owned = None if owners is None else {str(pid) for pid in owners}
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
@@ -52,7 +53,7 @@ def client_workers(owners: list[int]) -> list[int]:
             continue
         if "fl_app.client_worker" in args and "--owner-pid" in args:
             index = args.index("--owner-pid") + 1
-            if index < len(args) and args[index] in owned:
+            if index < len(args) and (owned is None or args[index] in owned):
                 found.append(int(cmdline.parent.name))
     return found
 

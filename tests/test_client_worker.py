@@ -113,3 +113,29 @@ def test_only_flwr_clientapp_processes_hand_messages_on(monkeypatch) -> None:
     assert not worker_link.wanted(off)
     monkeypatch.setattr(sys, "argv", ["default_worker.py"])  # a Ray actor, a test, ...
     assert not worker_link.wanted(context())
+
+
+class FakeTorch:
+    def __init__(self) -> None:
+        self.threads = 8
+
+    def get_num_threads(self) -> int:
+        return self.threads
+
+    def set_num_threads(self, n: int) -> None:
+        self.threads = n
+
+
+def test_workers_on_one_machine_share_its_cores_unless_told(monkeypatch) -> None:
+    from fl_app import processes
+    from fl_app.client_worker import share_cores
+
+    monkeypatch.delenv("FL_APP_TORCH_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr(processes, "client_workers", lambda owners=None: [11, 12, 13])
+    torch = FakeTorch()
+    assert share_cores(torch) == 2 and torch.threads == 2  # 8 cores, 3 workers
+    monkeypatch.setattr(processes, "client_workers", lambda owners=None: [11])
+    assert share_cores(torch) == 8  # alone on its machine: every core
+    monkeypatch.setenv("FL_APP_TORCH_THREADS", "3")
+    assert share_cores(torch) == 3
