@@ -101,21 +101,23 @@ def _answer(conn: socket.socket, handle) -> None:
 
 
 def serve(path: Path, owner_pid: int) -> None:
-    from fl_app.client_core import handle  # the slow imports (torch), once for the run
-
-    # Stopped by PID (a test, the federation helper): leave no files behind either.
+    # First of all: stopped by PID (a test, the federation helper), even while still
+    # importing torch, it leaves no files behind.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    path.unlink(missing_ok=True)
-    server.bind(str(path))
-    os.chmod(path, 0o600)
-    server.listen(8)
-    server.settimeout(1.0)
-    threading.Thread(target=_watch_owner, args=(owner_pid, path), daemon=True).start()
-    print(f"fl_app client worker {os.getpid()}: serving {path} for process {owner_pid}",
-          flush=True)
-    last = time.monotonic()
+    server, clean = None, False
     try:
+        from fl_app.client_core import handle  # the slow imports (torch), once for the run
+
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path.unlink(missing_ok=True)
+        server.bind(str(path))
+        os.chmod(path, 0o600)
+        server.listen(8)
+        server.settimeout(1.0)
+        threading.Thread(target=_watch_owner, args=(owner_pid, path), daemon=True).start()
+        print(f"fl_app client worker {os.getpid()}: serving {path} for process {owner_pid}",
+              flush=True)
+        last = time.monotonic()
         while time.monotonic() - last < IDLE_SECONDS:
             try:
                 conn, _ = server.accept()
@@ -126,9 +128,17 @@ def serve(path: Path, owner_pid: int) -> None:
                 if _same_user(conn):
                     _answer(conn, handle)
             last = time.monotonic()
+        clean = True
+    except SystemExit:
+        clean = True
+        raise
     finally:
-        server.close()
-        _remove_files(path)
+        if server is not None:
+            server.close()
+        if clean:
+            _remove_files(path)
+        else:  # a crash: keep the log, which the ClientApp's error points at
+            path.unlink(missing_ok=True)
 
 
 def main() -> None:
