@@ -132,8 +132,10 @@ def build_client(cfg: DictConfig, partition_id: int, num_partitions: int,
 # rebuilt a client for almost every message (17% of an actor's time on the 2NN, py-spy).
 # 32 cover a typical round's sample; a CNN client holds ~7 MB, so at most ~220 MB per process.
 @lru_cache(maxsize=32)
-def _cached_client(run_config: tuple, partition_id: int, num_partitions: int,
+def _cached_client(run_id: int, run_config: tuple, partition_id: int, num_partitions: int,
                    data_dir: str | None) -> TorchClient:
+    # Keyed by run too: a client worker serves a SuperNode's every run, and one run's client
+    # (its DP-SGD or local-DP accounting) must not carry into the next.
     training.setup_torch(int(os.environ.get("FL_APP_TORCH_THREADS", "0")) or None)
     cfg = compose(overrides_from_run_config(dict(run_config)))
     return build_client(cfg, partition_id, num_partitions, data_dir)
@@ -147,7 +149,7 @@ def _client(context: Context) -> TorchClient:
         raise ValueError("This SuperNode has no data: start it with --node-config "
                          "'partition-id=I num-partitions=N', or 'data-dir=\"/path\"' to a "
                          "folder holding train.npz (see fl_app.deploy.partitions).")
-    return _cached_client(tuple(sorted(context.run_config.items())),
+    return _cached_client(int(context.run_id), tuple(sorted(context.run_config.items())),
                           int(node.get("partition-id", 0)),
                           int(node.get("num-partitions", 1)),
                           str(data_dir) if data_dir is not None else None)

@@ -1,9 +1,11 @@
 """The ClientApp's side of the persistent client worker: find it, start it, hand it a message.
 
-One worker per SuperNode and run. It is found by a Unix socket whose name is derived from the
-process that launched this `flwr-clientapp` (the SuperNode's executor, alive as long as the
-SuperNode), the app's code folder and the run id, in a folder only this user can read. The
-first message of a run starts the worker; later ones connect in milliseconds. Messages travel as
+One worker per SuperNode and app version, serving every run (its clients are cached per run
+config; a run's client state travels in the Context). It is found by a Unix socket whose name
+is derived from the process that launched this `flwr-clientapp` (the SuperNode's executor,
+alive as long as the SuperNode) and the app's code folder (one per FAB), in a folder only this
+user can read. The first message starts the worker, retiring the SuperNode's workers of older
+app versions; later messages connect in milliseconds. Messages travel as
 Flower's own protobuf records (no pickle), framed by length.
 
 Stdlib and flwr only: this runs in the short-lived process, before any torch is imported.
@@ -55,8 +57,8 @@ def socket_dir() -> Path:
     return folder
 
 
-def worker_key(owner_pid: int, run_id: int) -> str:
-    text = f"{owner_pid}|{APP_ROOT}|{sys.executable}|{run_id}"
+def worker_key(owner_pid: int) -> str:
+    text = f"{owner_pid}|{APP_ROOT}|{sys.executable}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -101,7 +103,7 @@ def call(kind: str, content: RecordDict, context: Context, owner_pid: int | None
 
     `owner_pid`: the process whose worker this is (default: the one that started this
     process, the SuperNode's executor); the worker ends with it."""
-    with _connect(owner_pid or os.getppid(), context.run_id) as sock:
+    with _connect(owner_pid or os.getppid()) as sock:
         send_frame(sock, {"kind": kind}, [
             recorddict_to_proto(content).SerializeToString(),
             context_to_proto(context).SerializeToString(),
@@ -115,9 +117,9 @@ def call(kind: str, content: RecordDict, context: Context, owner_pid: int | None
     return reply
 
 
-def _connect(owner_pid: int, run_id: int) -> socket.socket:
+def _connect(owner_pid: int) -> socket.socket:
     folder = socket_dir()
-    key = worker_key(owner_pid, run_id)
+    key = worker_key(owner_pid)
     path = folder / f"{key}.sock"
     sock = _try_connect(path)
     if sock is not None:
@@ -143,6 +145,9 @@ def _try_connect(path: Path) -> socket.socket | None:
 
 
 def _start_and_connect(path: Path, owner_pid: int, log_path: Path) -> socket.socket:
+    from fl_app.processes import client_workers, stop
+
+    stop(client_workers([owner_pid]), grace=5)  # this SuperNode's, for older app code
     path.unlink(missing_ok=True)  # a worker that died leaves its socket file behind
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(

@@ -139,3 +139,17 @@ def test_workers_on_one_machine_share_its_cores_unless_told(monkeypatch) -> None
     assert share_cores(torch) == 8  # alone on its machine: every core
     monkeypatch.setenv("FL_APP_TORCH_THREADS", "3")
     assert share_cores(torch) == 3
+
+
+def test_one_worker_serves_every_run_of_a_supernode_with_clients_of_their_own(owner) -> None:
+    run_config = {**RUN_CONFIG, "privacy": "local"}
+    first_run = Context(run_id=5, node_id=3, node_config={"partition-id": 1, "num-partitions": 4},
+                        state=RecordDict(), run_config=run_config)
+    next_run = Context(run_id=6, node_id=3, node_config={"partition-id": 1, "num-partitions": 4},
+                       state=RecordDict(), run_config=run_config)
+    worker_link.call("train", train_content(1), first_run, owner_pid=owner)
+    once = worker_link.call("train", train_content(2), first_run, owner_pid=owner)
+    fresh = worker_link.call("train", train_content(1), next_run, owner_pid=owner)
+    assert len(client_workers([owner])) == 1
+    # the new run's client starts its privacy accounting from zero, not from run 5's
+    assert fresh["metrics"]["local_epsilon"] < once["metrics"]["local_epsilon"]
