@@ -371,9 +371,10 @@ class SampledStrategy(FedAvg):
         """
         averager = MetricAverager(self.client_epsilon_max)
         if isinstance(replies, Sequence):
-            mean = self._mean_of_sequence(server_round, replies, averager)
+            mean, finite = self._mean_of_sequence(server_round, replies, averager)
         else:
             mean = self._mean_of_stream(server_round, replies, averager)
+            finite = mean is None or _all_finite(mean)
 
         metrics_out = averager.record()
         metrics_out["num-dropped"] = len(self.last_dropped)
@@ -381,7 +382,7 @@ class SampledStrategy(FedAvg):
             log(WARNING, "Round %s: no usable reply (%d dropped); global model unchanged.",
                 server_round, len(self.last_dropped))
             return None, metrics_out
-        if not _all_finite(mean):
+        if not finite:
             log(WARNING, "Round %s: the average of %d finite replies overflows %s; global model "
                 "unchanged. Lower the learning rate or clip the clients' updates.",
                 server_round, averager.num_clients, next(iter(mean.values())).dtype)
@@ -392,14 +393,16 @@ class SampledStrategy(FedAvg):
         return num_examples if self.weighted else 1.0
 
     def _mean_of_sequence(self, server_round: int, replies: Sequence[Message],
-                          averager: MetricAverager) -> dict[str, np.ndarray] | None:
+                          averager: MetricAverager) -> tuple[dict[str, np.ndarray] | None, bool]:
         """The mean when the replies are all at hand (what Flower's grids return): each reply is
         read once, into the sum, and NaN / Inf is looked for in the sum only. Only when the sum
         is not finite is each reply checked, the broken ones dropped and the mean taken again.
+        Returns the mean and whether it is finite (it may still overflow).
         """
         kept = list(self.screen(server_round, replies, check_values=False))
         mean = self._weighted_mean(kept)
-        if mean is not None and not _all_finite(mean):
+        finite = mean is None or _all_finite(mean)
+        if not finite:
             checked = []
             for msg, arrays, num_examples, metrics in kept:
                 bad = non_finite_array(arrays)
@@ -409,9 +412,10 @@ class SampledStrategy(FedAvg):
                     self.drop(server_round, msg, f"'{bad}' contains NaN or Inf")
             kept = checked
             mean = self._weighted_mean(kept)
+            finite = mean is None or _all_finite(mean)
         for _, _, num_examples, metrics in kept:
             averager.add(num_examples, metrics)
-        return mean
+        return mean, finite
 
     def _weighted_mean(self, kept: list) -> dict[str, np.ndarray] | None:
         if not kept:
