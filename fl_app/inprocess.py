@@ -2,7 +2,7 @@
 
 For experiments that run hundreds of rounds (scripts/mcmahan_table2.py), for benchmarks and for
 tests. Every message still goes through `client_app.app` (the same handlers, Contexts and
-caches a SuperNode uses), and the server side is `server_app.run` unchanged, so a result here is
+caches a SuperNode uses), and the server side is `server_loop.run` unchanged, so a result here is
 a result of the app; only the transport is left out. Use `flwr run` for anything that needs
 Flower's isolation, scheduling or a network.
 """
@@ -17,7 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl_app.client_app import app as client_app
 from fl_app.config import compose
-from fl_app.server_app import run as run_rounds
+from fl_app.server_loop import run as run_rounds
 
 _RUN_ID = 1
 

@@ -33,7 +33,7 @@ from fl_app.data import ClientData, load_dataset, partition
 from fl_app.models import get_weights, set_weights
 from fl_app.privacy import from_config as client_privacy
 from fl_app.records import to_array_record
-from fl_app.server_app import train_round
+from fl_app.server_loop import train_round
 from fl_app.strategies import PrivacyBudgetExhausted
 
 # One population and one local training recipe for every row; only the privacy differs.

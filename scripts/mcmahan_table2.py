@@ -1,7 +1,7 @@
 """The shape of McMahan et al. 2017, Table 2: rounds to a target accuracy, FedSGD vs FedAvg.
 
 Every setting is a real run of this app: `fl_app.inprocess` drives the ServerApp's round loop
-(`fl_app.server_app.run`) with the real ClientApp handlers in this process, 100 clients, C = 0.1,
+(`fl_app.server_loop.run`) with the real ClientApp handlers in this process, 100 clients, C = 0.1,
 IID or McMahan's pathological non-IID (label-sorted shards, 2 per client). A run stops as soon
 as the server's centralized test accuracy reaches the target (the `stopping=target_accuracy`
 config group where this checkout has it, else a thin grid wrapper that ends the run before the
@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from fl_app import inprocess  # noqa: E402
 from fl_app.config import CONF_DIR, compose  # noqa: E402
-from fl_app.server_app import run as run_rounds  # noqa: E402
+from fl_app.server_loop import run as run_rounds  # noqa: E402
 
 INF = None  # B = ∞: the whole local set is one batch
 

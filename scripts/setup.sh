@@ -1,9 +1,26 @@
 #!/usr/bin/env bash
 # Create .venv and install fl_app with its exact pins (see pyproject.toml and ../shared/DESIGN.md).
+#
+# The environment itself lives outside the project and .venv is a symlink to it: `flwr run .`
+# walks every file under the project before it applies .gitignore (51,000 files and ~7 s with
+# a venv inside) but never enters a symlinked folder. FL_APP_VENV picks the folder; an existing
+# .venv (folder or symlink) is reused as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
+if [ ! -e .venv ]; then
+    rm -f .venv  # a dangling symlink: its environment was deleted
+    project_key=$(pwd -P | sha256sum | cut -c1-12)
+    target=${FL_APP_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/fl_app/venv-$project_key}
+    if mkdir -p "$(dirname "$target")" 2>/dev/null; then
+        [ -x "$target/bin/python" ] || "$PYTHON" -m venv "$target"
+        ln -s "$target" .venv
+    else
+        echo "fl_app: cannot create $(dirname "$target"); installing into .venv inside the" \
+             "project (then keep flwr run from walking it: use fl-app, or set FL_APP_VENV)" >&2
+    fi
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip

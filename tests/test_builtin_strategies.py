@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Error, Message
 from hydra.utils import instantiate
 from strategy_helpers import FakeGrid, error_reply, record, set_task_identity, train_reply
 
-from fl_app import server_app, training
+from fl_app import server_loop, training
 from fl_app.config import compose
 from fl_app.data import load_dataset
 from fl_app.inprocess import InProcessGrid
@@ -40,7 +40,7 @@ def run_app(tmp_path: Path, *overrides: str,
             grid_class: type[InProcessGrid] = InProcessGrid) -> tuple[dict, list[dict]]:
     """The app's summary and its metrics.jsonl rows, for a run on `grid_class`."""
     overrides = (*BASE, *overrides, f"num_clients={NUM_CLIENTS}", f"output_dir={tmp_path}")
-    summary = server_app.run(grid_class(overrides, NUM_CLIENTS), compose(overrides))
+    summary = server_loop.run(grid_class(overrides, NUM_CLIENTS), compose(overrides))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return summary, rows
 

@@ -7,7 +7,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from strategy_helpers import set_task_identity
 
-from fl_app.server_app import PULL_INTERVAL, exchange
+from fl_app.server_loop import PULL_INTERVAL, exchange
 
 
 class SlowGrid(Grid):

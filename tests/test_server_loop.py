@@ -8,7 +8,7 @@ from strategy_helpers import SimulatedGrid, serve, set_task_identity
 
 from fl_app.client_core import build_client
 from fl_app.config import compose
-from fl_app.server_app import run
+from fl_app.server_loop import run
 
 
 def _grid(cfg, num_clients, silent=()):

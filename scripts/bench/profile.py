@@ -46,7 +46,7 @@ GROUPS = [
     ("Flower's LinkState (message validation, copies)", "linkstate"),
     ("Flower Message / RecordDict handling", "flwr/app/"),
     ("Flower log uploader / parent-process monitor", "flwr/supercore/"),
-    ("fl_app server loop", "fl_app/server_app.py"),
+    ("fl_app server loop", "fl_app/server_loop.py"),
     ("logging", "logging/__init__.py"),
     ("gRPC", "grpc"),
 ]
@@ -170,14 +170,15 @@ def startup_components() -> dict:
     out["python interpreter (nothing imported)"] = time.time() - t
     for module in ("flwr.cli.app", "flwr.superlink.cli", "flwr.simulation.app",
                    "flwr.supernode.cli", "ray", "torch", "hydra.compose", "fl_app.server_app",
-                   "fl_app.client_app", "fl_app.client_core"):
+                   "fl_app.server_loop", "fl_app.client_app", "fl_app.client_core"):
         code = f"import sys; sys.argv = ['x', {module!r}]\n" + IMPORT
         out[f"import {module}"] = python_child(code)["seconds"]
     out["first torch.optim.SGD(...) of a process (it imports torch._dynamo)"] = python_child(
         SGD)["seconds"]
     fab = python_child(f"import sys; sys.argv = ['x', {str(ROOT)!r}]\n" + FAB)
     out["flwr run: build the FAB from the project dir "
-        f"({fab['project files walked']:,} files walked, .venv included)"] = fab["project dir"]
+        f"({fab['project files walked']:,} files walked; a symlinked .venv is skipped)"] = \
+        fab["project dir"]
     out[f"flwr run: build the FAB from a dir holding only its {fab['files in the FAB']} "
         "files"] = fab["staged app dir"]
     ray_tmp = tempfile.mkdtemp(prefix="fb", dir="/tmp")

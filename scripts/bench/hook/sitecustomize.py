@@ -7,7 +7,9 @@ app's code is not changed: a few fl_app functions are wrapped when their module 
 
 Events: process-start (with argv); flwr-entry (the process's flwr entry-point module has been
 imported: flwr-clientapp's, flwr-simulation's); app-load (the first `import fl_app...` begins);
-torch (torch has been imported); imports (fl_app.client_core, with flwr and torch, has been
+torch / ray / clientapp-module (torch, ray, fl_app.client_app have been imported);
+vce-start / vce-backend-start (the simulation engine starts: loads the ClientApp, then
+starts Ray and its actors); imports (fl_app.client_core, with flwr and torch, has been
 imported); server-run; round-start / round-end; handler (the ClientApp's train handler asked
 for its client: the Message has arrived); train-start / train-end (the local SGD loop);
 gradient-start / gradient-end; backward (the process's first backward pass: its first
@@ -54,7 +56,9 @@ def _entered(fn, name: str):
 _PATCHES = {
     "fl_app.training": [("train", _timed, "train"), ("gradient", _timed, "gradient")],
     "fl_app.client_core": [("_client", _entered, "handler")],
-    "fl_app.server_app": [("train_round", _timed, "round"), ("run", _entered, "server-run")],
+    "fl_app.server_loop": [("train_round", _timed, "round"), ("run", _entered, "server-run")],
+    "flwr.server.superlink.fleet.vce.vce_api": [("start_vce", _entered, "vce-start"),
+                                                 ("run_api", _entered, "vce-backend-start")],
 }
 
 
@@ -78,7 +82,7 @@ class _CappedTime:
 
 # Modules whose import completion is stamped (event name).
 _IMPORTED = {"flwr.supernode.cli": "flwr-entry", "flwr.simulation.app": "flwr-entry",
-             "torch": "torch"}
+             "torch": "torch", "ray": "ray", "fl_app.client_app": "clientapp-module"}
 _seen: set[str] = set()
 
 

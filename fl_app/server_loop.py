@@ -1,0 +1,328 @@
+"""The ServerApp's work: compose the config, build strategy and model, run the rounds, save
+outputs. `fl_app.server_app` is the thin ServerApp Flower loads; it imports this module when a
+run starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from fl_app import checkpoint, training
+from fl_app.config import compose, overrides_from_run_config, to_yaml
+from fl_app.data import load_dataset
+from fl_app.models import get_weights, num_parameters, set_weights
+from fl_app.records import from_array_record, to_array_record
+from fl_app.strategies import (
+    DPNoise,
+    NotEnoughClientsError,
+    PrivacyBudgetExhausted,
+    SampledStrategy,
+)
+from fl_app.strategies.base import BadReply, check_reply
+
+
+def main(grid: Grid, context: Context) -> None:
+    cfg = compose(overrides_from_run_config(context.run_config))
+    run(grid, cfg, run_config=dict(context.run_config))
+
+
+def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
+    """Run (or, with cfg.resume, continue) federated training; return the run summary.
+
+    `run_config` (what `flwr run` was given) is saved so that `fl-app resume=FOLDER` can
+    start the same run again.
+    """
+    started = time.time()
+    training.setup_torch()
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    log(INFO, "fl_app: outputs in %s", out)
+
+    federation_size = wait_for_clients(grid, cfg)
+    with open_dict(cfg):  # null num_clients follows the federation; DP needs the population
+        cfg.num_clients = cfg.num_clients or federation_size
+    resumed = None
+    if cfg.resume:
+        checkpoint.check_resumable(out, cfg)
+        resumed = checkpoint.load(out)
+        log(INFO, "fl_app: resuming after round %d from %s", resumed.round, out)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    if run_config is not None:
+        (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
+
+    torch.manual_seed(cfg.seed)
+    model = instantiate(cfg.model)
+    test = load_dataset(cfg.dataset)
+    strategy = resumed.strategy if resumed else instantiate(cfg.strategy)
+    stop_rule = instantiate(cfg.stopping)
+    round_logger = instantiate(cfg.logger, log_dir=str(out))
+    log(INFO, "fl_app: %s, %s (%d parameters), %s, %s partitions x %d clients, %d rounds",
+        type(strategy).__name__, type(model).__name__, num_parameters(model), cfg.dataset.name,
+        cfg.partitioner._target_.rsplit(".", 1)[-1], cfg.num_clients, cfg.num_rounds)
+
+    def central_eval(arrays: dict[str, np.ndarray]) -> tuple[float, float]:
+        set_weights(model, arrays)
+        return training.evaluate(model, test.x_test, test.y_test)
+
+    if resumed:
+        weights, history, elapsed = resumed.weights, resumed.history, resumed.elapsed
+        _truncate_jsonl(out / "metrics.jsonl", after_round=resumed.round)
+    else:
+        weights, elapsed = get_weights(model), 0.0
+        loss, acc = central_eval(weights)
+        log(INFO, "[round 0] test loss %.4f, accuracy %.4f", loss, acc)
+        history = [{"round": 0, "test_loss": loss, "test_accuracy": acc}]
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    try:
+        stop_reason = stop_rule.check(history) if len(history) > 1 else None
+        while stop_reason is None:
+            rnd = history[-1]["round"] + 1
+            if rnd > cfg.num_rounds:
+                stop_reason = f"num_rounds: all {cfg.num_rounds} rounds run"
+                break
+            t0 = time.time()
+            try:
+                weights, row = train_round(grid, strategy, cfg, rnd, weights)
+            except PrivacyBudgetExhausted as err:
+                stop_reason = f"privacy_budget: {err}"
+                break
+            if cfg.fraction_evaluate > 0:
+                row = _merge(row, evaluate_round(grid, strategy, cfg, rnd, weights))
+            row["test_loss"], row["test_accuracy"] = central_eval(weights)
+            row["seconds"] = time.time() - t0
+            history.append(row)
+            _append_jsonl(out / "metrics.jsonl", row)
+            checkpoint.save(out, checkpoint.Checkpoint(
+                rnd, weights, strategy, history, elapsed + time.time() - started),
+                keep_all=cfg.checkpoints == "all")
+            round_logger.log_round(row)
+            log(INFO, "%s", progress_line(row, cfg.num_rounds, history))
+            stop_reason = stop_rule.check(history)
+    finally:
+        round_logger.close()
+    log(INFO, "fl_app: stopped after round %d: %s", history[-1]["round"], stop_reason)
+
+    set_weights(model, weights)
+    torch.save(model.state_dict(), out / "model.pt")
+    summary = run_summary(history, stop_reason, elapsed + time.time() - started, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(INFO, "fl_app: final test accuracy %.4f after %d rounds (%.1f s); outputs in %s",
+        summary["test_accuracy"], summary["rounds"], summary["seconds"], out)
+    return summary
+
+
+def run_summary(history: list[dict], stop_reason: str, seconds: float, out: Path) -> dict:
+    """What summary.json holds: the final and best accuracy, why and when the run stopped."""
+    final = history[-1]
+    best = max(history, key=lambda row: row["test_accuracy"])
+    summary = {"rounds": final["round"], "test_accuracy": final["test_accuracy"],
+               "test_loss": final["test_loss"], "best_accuracy": best["test_accuracy"],
+               "best_round": best["round"], "stop_reason": stop_reason, "seconds": seconds,
+               "bytes_sent": sum(row.get("bytes_sent", 0) for row in history),
+               "bytes_received": sum(row.get("bytes_received", 0) for row in history),
+               "output_dir": str(out)}
+    if "train_epsilon" in final:
+        summary["epsilon"], summary["delta"] = final["train_epsilon"], final["train_delta"]
+    for client_side in ("dpsgd_epsilon_max", "local_epsilon_max"):  # worst client's own ε
+        if f"train_{client_side}" in final:
+            summary[client_side] = final[f"train_{client_side}"]
+    return summary
+
+
+def train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
+                weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+    """One round of federated training: the new global weights and the round's metrics row."""
+    ours = isinstance(strategy, (SampledStrategy, DPNoise))
+    if not ours:  # Flower's own sampling would wait forever for nodes that are gone
+        wait_for_clients(grid, cfg, wanted=getattr(strategy, "min_available_nodes", 1))
+    random.seed(cfg.seed * 1_000_003 + rnd)  # Flower's built-in strategies sample with `random`
+    messages = strategy.configure_train(rnd, to_array_record(weights), ConfigRecord(), grid)
+    messages = expire_with_round(messages, cfg.round_timeout)
+    replies = exchange(grid, messages, cfg.round_timeout)
+    _fail_if_all_failed(rnd, replies)
+    if not ours:  # fl_app's strategies screen replies themselves; Flower's average NaN in
+        replies = usable_replies(rnd, replies, weights)
+    lost = lost_nodes(rnd, messages, replies)
+    # DPNoise samples by coin flips and has no minimum: only plain strategies enforce one.
+    minimum = getattr(strategy, "min_train_nodes", 0)
+    new, metrics = None, None
+    if len(messages) - len(lost) < minimum:
+        log(WARNING, "[round %d] only %d of %d sampled clients replied, below min_clients=%d",
+            rnd, len(messages) - len(lost), len(messages), minimum)
+    else:
+        new, metrics = strategy.aggregate_train(rnd, replies)
+    if new is None:
+        log(WARNING, "[round %d] no usable client update: global model unchanged", rnd)
+    row = {"round": rnd, "sampled": len(messages), "lost_nodes": lost,
+           "bytes_sent": payload_bytes(messages), "bytes_received": payload_bytes(replies),
+           **{f"train_{k}": v for k, v in dict(metrics or {}).items()}}
+    return (weights if new is None else from_array_record(new)), row
+
+
+# Flower's deployment grid sleeps 3 s between pulls for replies (its simulation grid 0.1 s):
+# up to 3 s added to every deployed round, 1.5 s on average, for nothing.
+PULL_INTERVAL = 0.1
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
+    """Send `messages` and return the replies that came within `timeout` seconds: Flower's
+    `send_and_receive`, pulling every PULL_INTERVAL s. Grids that are not Flower's (the
+    in-process one, tests' fakes) do their own `send_and_receive`."""
+    if not isinstance(grid, Grid):
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    waiting = {msg_id for msg_id in grid.push_messages(messages) if msg_id}  # "": not sent
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting:
+        pulled = list(grid.pull_messages(waiting))
+        replies += pulled
+        waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+        if not waiting or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(PULL_INTERVAL)
+    return replies
+
+
+def evaluate_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
+                   weights: dict[str, np.ndarray]) -> dict:
+    """Federated evaluation of the global model on the clients' held-out splits."""
+    random.seed(cfg.seed * 1_000_003 + rnd + 500_009)  # an evaluation stream of its own
+    messages = strategy.configure_evaluate(rnd, to_array_record(weights), ConfigRecord(), grid)
+    messages = expire_with_round(messages, cfg.round_timeout)
+    replies = exchange(grid, messages, cfg.round_timeout)
+    metrics = strategy.aggregate_evaluate(rnd, replies)
+    return {"bytes_sent": payload_bytes(messages), "bytes_received": payload_bytes(replies),
+            **{f"client_{k}": v for k, v in dict(metrics or {}).items()}}
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """The run's absolute output folder: the ServerApp's working directory is the SuperLink's.
+
+    A resumed run writes on into the folder of the run it continues."""
+    if cfg.resume:
+        return Path(cfg.resume).expanduser().resolve()
+    if cfg.output_dir:
+        return Path(cfg.output_dir).expanduser().resolve()
+    root = Path(os.environ.get("FL_APP_OUTPUTS", "~/fl_app_outputs")).expanduser().resolve()
+    now = datetime.now()
+    name = f"{now:%H-%M-%S}-{cfg.strategy._target_.rsplit('.', 1)[-1]}-{cfg.dataset.name}"
+    return root / f"{now:%Y-%m-%d}" / name
+
+
+def usable_replies(rnd: int, replies: list[Message],
+                   weights: dict[str, np.ndarray]) -> list[Message]:
+    """The replies fl_app's own strategies would accept; the others are logged and dropped."""
+    usable = []
+    for reply in replies:
+        try:
+            check_reply(reply, weights)
+        except BadReply as err:
+            log(WARNING, "[round %d] dropping reply from node %d: %s", rnd,
+                reply.metadata.src_node_id, err)
+        else:
+            usable.append(reply)
+    return usable
+
+
+def wait_for_clients(grid: Grid, cfg: DictConfig, wanted: int | None = None) -> int:
+    """Wait for `wanted` SuperNodes (default: min_clients, and num_clients if set); return how
+    many are there, or raise NotEnoughClientsError after node_wait_timeout."""
+    wanted = wanted or max(cfg.min_clients, cfg.num_clients or 0)
+    deadline = time.time() + cfg.node_wait_timeout
+    while (connected := len(list(grid.get_node_ids()))) < wanted:
+        if time.time() > deadline:
+            raise NotEnoughClientsError(
+                f"Only {connected} SuperNode(s) connected after {cfg.node_wait_timeout} s; the "
+                f"run needs {wanted} (min_clients={cfg.min_clients}, "
+                f"num_clients={cfg.num_clients}). Start more SuperNodes or raise num-supernodes "
+                "(--federation-config 'num-supernodes=N'), or lower min_clients."
+            )
+        time.sleep(0.5)
+    return connected
+
+
+def expire_with_round(messages: Iterable[Message], round_timeout: float) -> list[Message]:
+    """Give each message the round's lifetime instead of Flower's default 12 hours.
+
+    A SuperNode that was away would otherwise work through a backlog of stale rounds after it
+    rejoins and answer every current round too late.
+    """
+    messages = list(messages)
+    for message in messages:
+        message.metadata.ttl = float(round_timeout)
+    return messages
+
+
+def lost_nodes(rnd: int, messages: list[Message], replies: list[Message]) -> list[int]:
+    """Sampled nodes that sent no usable reply this round (gone, timed out, or failed)."""
+    answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
+    lost = sorted({m.metadata.dst_node_id for m in messages} - answered)
+    if lost:
+        log(WARNING, "[round %d] lost %d of %d sampled node(s): %s (no reply, an error reply, "
+            "or past round_timeout)", rnd, len(lost), len(messages), lost)
+    return lost
+
+
+def payload_bytes(messages: Iterable[Message]) -> int:
+    """Bytes of the records the messages carry (what crosses the network, before framing)."""
+    return sum(record.count_bytes() for m in messages if m.has_content()
+               for record in m.content.values())
+
+
+def progress_line(row: dict, num_rounds: int, history: list[dict]) -> str:
+    """One line per round: metrics, round time, and an ETA from the mean round time so far."""
+    rnd = row["round"]
+    timed = [r["seconds"] for r in history if "seconds" in r]
+    eta = sum(timed) / len(timed) * (num_rounds - rnd)
+    parts = [f"[round {rnd}/{num_rounds}]", f"test acc {row['test_accuracy']:.4f}",
+             f"loss {row['test_loss']:.4f}"]
+    if "train_train_loss" in row:
+        parts.append(f"train loss {row['train_train_loss']:.4f}")
+    if "train_epsilon" in row:
+        parts.append(f"ε {row['train_epsilon']:.3f} (δ={row['train_delta']:.1e})")
+    if row.get("lost_nodes"):
+        parts.append(f"lost {len(row['lost_nodes'])}/{row['sampled']} nodes")
+    parts += [f"{row['seconds']:.2f} s", f"ETA {eta:.0f} s"]
+    return " | ".join(parts)
+
+
+def _fail_if_all_failed(rnd: int, replies: list[Message]) -> None:
+    """A round where every client failed is a broken run, not a quiet no-op."""
+    if replies and all(m.has_error() for m in replies):
+        reasons = sorted({m.error.reason.strip().splitlines()[-1] for m in replies})
+        raise RuntimeError(f"Round {rnd}: all {len(replies)} clients failed: {reasons}")
+
+
+def _merge(train_row: dict, evaluate_row: dict) -> dict:
+    merged = train_row | evaluate_row
+    for key in ("bytes_sent", "bytes_received"):
+        merged[key] = train_row[key] + evaluate_row[key]
+    return merged
+
+
+def _truncate_jsonl(path: Path, after_round: int) -> None:
+    """Drop rows past the checkpoint: a kill between a row and its checkpoint repeats a round."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["round"] <= after_round]
+        path.write_text("".join(line + "\n" for line in rows))
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
