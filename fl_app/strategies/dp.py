@@ -240,14 +240,16 @@ class DPNoise(Strategy):
         if current is None:
             raise RuntimeError("DPNoise.aggregate_train called before configure_train.")
         clip = self.clip_norm  # this round's C (adaptive clipping changes it afterwards)
-        m = self.expected_clients
         offset = self.inner.update_offset()  # update = reply - offset
+        # The sum starts from this round's noise (drawn while the clients trained, used once):
+        # no zero-filled buffer and no extra pass to add the noise afterwards.
+        total = self._take_noise(server_round, clip)
+        averager = MetricAverager(self.inner.client_epsilon_max)
         # Each update is formed and its norm taken in one pass, chunk by chunk, into one
         # model-sized scratch buffer that is reused for every reply; then s_i / m times it is
         # added to the sum. Memory: the sum and the scratch, whatever the number of replies.
-        total = {k: np.zeros_like(v) for k, v in current.items()}
         scratch = {} if offset is None else {k: np.empty_like(v) for k, v in current.items()}
-        averager = MetricAverager(self.inner.client_epsilon_max)
+        m = self.expected_clients  # the fixed denominator of the noisy mean
         num_clipped = 0
         for msg, arrays, num_examples, metrics in self.inner.screen(
                 server_round, replies, check_values=False):
@@ -261,9 +263,6 @@ class DPNoise(Strategy):
                 axpy(acc, scale / m, update[key])
             averager.add(num_examples, metrics)
 
-        noise = self._take_noise(server_round, clip)
-        for key, acc in total.items():
-            acc += noise[key]
         new_global = self.inner.apply_update(total)
 
         self.rounds_done += 1
