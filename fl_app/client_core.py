@@ -24,7 +24,7 @@ from fl_app.data import ClientData, client_data, local_data
 from fl_app.models import get_weights, set_weights
 from fl_app.privacy import DPSGD, LocalDP
 from fl_app.privacy import from_config as client_privacy
-from fl_app.records import to_array_record
+from fl_app.records import array_view, to_array_record
 
 
 class TorchClient(NumPyClient):
@@ -159,7 +159,7 @@ def _ndarrays(client: TorchClient, record: ArrayRecord) -> list[np.ndarray]:
     if set(record) != set(client.keys):
         raise ValueError(f"Server sent arrays {sorted(record)}, the model has {client.keys}: "
                          "server and clients must use the same model config.")
-    return [record[k].numpy() for k in client.keys]
+    return [array_view(record[k]) for k in client.keys]  # read-only, no copy: only read
 
 
 # The client's privacy accounting lives in the node's Context.state, which Flower keeps for the
