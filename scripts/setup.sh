@@ -12,13 +12,14 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 if [ ! -e .venv ]; then
     rm -f .venv  # a dangling symlink: its environment was deleted
     project_key=$(pwd -P | sha256sum | cut -c1-12)
-    target=${FL_APP_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/fl_app/venv-$project_key}
-    if mkdir -p "$(dirname "$target")" 2>/dev/null; then
+    cache=${XDG_CACHE_HOME:-${HOME:+$HOME/.cache}}
+    target=${FL_APP_VENV:-${cache:+$cache/fl_app/venv-$project_key}}
+    if [ -n "$target" ] && mkdir -p "$(dirname "$target")" 2>/dev/null; then
         [ -x "$target/bin/python" ] || "$PYTHON" -m venv "$target"
         ln -s "$target" .venv
     else
-        echo "fl_app: cannot create $(dirname "$target"); installing into .venv inside the" \
-             "project (then keep flwr run from walking it: use fl-app, or set FL_APP_VENV)" >&2
+        echo "fl_app: no folder for the environment outside the project (set FL_APP_VENV);" \
+             "installing into .venv inside it: flwr run . will then walk it (fl-app does not)" >&2
     fi
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
