@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from fl_app import training
 from fl_app.config import compose, overrides_from_run_config
 from fl_app.data import ClientData, client_data, local_data
-from fl_app.models import get_weights, set_weights
+from fl_app.models import get_weights, is_small_dense, set_weights
 from fl_app.privacy import DPSGD, LocalDP
 from fl_app.privacy import from_config as client_privacy
 from fl_app.records import array_view, to_array_record
@@ -46,6 +46,7 @@ class TorchClient(NumPyClient):
         self.local_epochs, self.batch_size, self.lr, self.seed = local_epochs, batch_size, lr, seed
         self.keys = list(model.state_dict())
         self.privacy = privacy
+        self.threads: int | None = None  # torch threads to train with; None: leave as is
         if isinstance(privacy, DPSGD):
             privacy.check_dataset_size(len(data.y_train))
 
@@ -136,9 +137,26 @@ def _cached_client(run_id: int, run_config: tuple, partition_id: int, num_partit
                    data_dir: str | None) -> TorchClient:
     # Keyed by run too: a client worker serves a SuperNode's every run, and one run's client
     # (its DP-SGD or local-DP accounting) must not carry into the next.
-    training.setup_torch(int(os.environ.get("FL_APP_TORCH_THREADS", "0")) or None)
+    training.setup_torch()
     cfg = compose(overrides_from_run_config(dict(run_config)))
-    return build_client(cfg, partition_id, num_partitions, data_dir)
+    client = build_client(cfg, partition_id, num_partitions, data_dir)
+    client.threads = _threads_for(client.model)
+    return client
+
+
+_process_threads: list[int] = []  # torch's thread count before any client set its own
+
+
+def _threads_for(model: torch.nn.Module) -> int:
+    """FL_APP_TORCH_THREADS if set; else 1 for a small dense model (see
+    models.is_small_dense); else what the process had (torch's default, Ray's share for an
+    actor, a client worker's share of the host)."""
+    override = int(os.environ.get("FL_APP_TORCH_THREADS", "0"))
+    if override > 0:
+        return override
+    if not _process_threads:
+        _process_threads.append(torch.get_num_threads())
+    return 1 if is_small_dense(model) else _process_threads[0]
 
 
 def _client(context: Context) -> TorchClient:
@@ -171,6 +189,8 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """The reply content to a "train" or "evaluate" message's `content`; the client's privacy
     state is read from and written back to `context.state`."""
     client = _client(context)
+    if client.threads and torch.get_num_threads() != client.threads:
+        torch.set_num_threads(client.threads)  # per message: one process may serve two models
     params = _ndarrays(client, content["arrays"])
     config = dict(content["config"])
     if kind == "evaluate":

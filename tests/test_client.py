@@ -187,3 +187,38 @@ def test_local_training_does_not_import_torch_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_small_dense_models_train_on_one_thread_and_others_on_the_process_threads(monkeypatch):
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from strategy_helpers import record
+
+    from fl_app import client_core
+    from fl_app.models import CNN, is_small_dense
+
+    assert is_small_dense(MLP((1, 28, 28), 10)) and not is_small_dense(CNN((1, 28, 28), 10))
+    assert not is_small_dense(MLP((1, 28, 28), 10, hidden=2000))  # 5.6 M multiply-adds
+    monkeypatch.delenv("FL_APP_TORCH_THREADS", raising=False)
+    monkeypatch.setattr(client_core, "_process_threads", [3])
+    before = torch.get_num_threads()
+
+    def message(model: str, run_id: int):
+        overrides = f"dataset=digits model={model}"
+        client = build_client(compose(overrides.split()), 0, 4)
+        content = RecordDict({"arrays": record(dict(zip(client.keys, client.get_parameters({}),
+                                                        strict=True))),
+                              "config": ConfigRecord({"server-round": 1})})
+        context = Context(run_id=run_id, node_id=1, state=RecordDict(),
+                          node_config={"partition-id": 0, "num-partitions": 4},
+                          run_config={"overrides": overrides})
+        return content, context
+
+    try:  # one process serving both models (a client worker serves every run of its node)
+        for (content, context), threads in ((message("mlp", 91), 1), (message("cnn", 92), 3),
+                                             (message("mlp", 91), 1)):
+            client_core.handle("train", content, context)
+            assert torch.get_num_threads() == threads
+        monkeypatch.setenv("FL_APP_TORCH_THREADS", "2")
+        assert client_core._threads_for(MLP((1, 8, 8), 10)) == 2
+    finally:
+        torch.set_num_threads(before)
