@@ -44,16 +44,17 @@ def _simulate(cfg: DictConfig) -> float:
         raise RunFailed(f"fl-app needs the project folder (with pyproject.toml) at {PROJECT_ROOT}: "
                         "install it with `pip install -e .` from a clone.")
     if cfg.resume:
-        out, run_config, num_clients = _resumed_run(Path(cfg.resume), hc.overrides.task)
+        out, run_config, num_supernodes = _resumed_run(Path(cfg.resume), hc.overrides.task)
     else:
         out = Path(hc.runtime.output_dir).resolve()
         overrides = [o for o in hc.overrides.task if not o.startswith("output_dir=")]
         overrides.append(f"output_dir='{out}'")  # quoted: sweep folder names hold '=' and ','
-        run_config, num_clients = {"overrides": shlex.join(overrides)}, cfg.num_clients
+        run_config = {"overrides": shlex.join(overrides)}
+        num_supernodes = cfg.client_pool or cfg.num_clients
     run_config_file = toml_run_config(run_config, out / "run_config.toml")
     # One CPU per simulated client: Flower's default of 2 runs one client at a time here, and
     # measured 1.57x (CNN) / 2.2x (2NN) a plain PyTorch loop against about 1.2x with 1.
-    result = flwr_run(run_config_file, num_clients or DEFAULT_SUPERNODES, flwr_env(),
+    result = flwr_run(run_config_file, num_supernodes or DEFAULT_SUPERNODES, flwr_env(),
                       client_cpus=1)
     summary_file = out / "summary.json"
     if not result.ok or not summary_file.exists():
@@ -66,7 +67,7 @@ def _simulate(cfg: DictConfig) -> float:
 
 
 def _resumed_run(folder: Path, overrides: list[str]) -> tuple[Path, dict, int]:
-    """The run config and client count of the run in `folder`, set to resume it.
+    """The run config and SuperNode count of the run in `folder`, set to resume it.
 
     Overrides given now (e.g. a larger num_rounds) are added after the run's own.
     """
@@ -79,8 +80,8 @@ def _resumed_run(folder: Path, overrides: list[str]) -> tuple[Path, dict, int]:
     extra = [o for o in overrides if not o.startswith(("resume=", "output_dir="))]
     run_config["overrides"] = shlex.join(
         [*shlex.split(str(run_config.get("overrides", ""))), *extra, f"resume='{folder}'"])
-    num_clients = OmegaConf.load(folder / "config.yaml").num_clients
-    return folder, run_config, num_clients
+    saved_cfg = OmegaConf.load(folder / "config.yaml")
+    return folder, run_config, saved_cfg.get("client_pool") or saved_cfg.num_clients
 
 
 def main() -> None:

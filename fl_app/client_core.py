@@ -24,7 +24,7 @@ from fl_app.data import ClientData, client_data, local_data
 from fl_app.models import get_weights, is_small_dense, set_weights
 from fl_app.privacy import DPSGD, LocalDP
 from fl_app.privacy import from_config as client_privacy
-from fl_app.records import array_view, to_array_record
+from fl_app.records import CLIENT_ID, array_view, to_array_record
 
 
 class TorchClient(NumPyClient):
@@ -133,13 +133,14 @@ def build_client(cfg: DictConfig, partition_id: int, num_partitions: int,
 # rebuilt a client for almost every message (17% of an actor's time on the 2NN, py-spy).
 # 32 cover a typical round's sample; a CNN client holds ~7 MB, so at most ~220 MB per process.
 @lru_cache(maxsize=32)
-def _cached_client(run_id: int, run_config: tuple, partition_id: int, num_partitions: int,
+def _cached_client(run_id: int, run_config: tuple, partition_id: int, num_partitions: int | None,
                    data_dir: str | None) -> TorchClient:
     # Keyed by run too: a client worker serves a SuperNode's every run, and one run's client
     # (its DP-SGD or local-DP accounting) must not carry into the next.
+    # num_partitions None: a pool client, one of the config's num_clients.
     training.setup_torch()
     cfg = compose(overrides_from_run_config(dict(run_config)))
-    client = build_client(cfg, partition_id, num_partitions, data_dir)
+    client = build_client(cfg, partition_id, num_partitions or cfg.num_clients, data_dir)
     client.threads = _threads_for(client.model)
     return client
 
@@ -159,10 +160,17 @@ def _threads_for(model: torch.nn.Module) -> int:
     return 1 if is_small_dense(model) else _process_threads[0]
 
 
-def _client(context: Context) -> TorchClient:
+def _client(context: Context, client_id: int | None = None) -> TorchClient:
     # A simulated ClientApp process serves many partitions: one cached client each.
     node = context.node_config
     data_dir = node.get("data-dir")
+    if client_id is not None:  # a pool node: the server names the client (partition) to serve
+        if data_dir is not None:
+            raise ValueError("The server sent a client id (config client_pool), but this "
+                             "SuperNode holds its own data (data-dir): a client pool is for "
+                             "simulations. Set client_pool=null.")
+        return _cached_client(int(context.run_id), tuple(sorted(context.run_config.items())),
+                              int(client_id), None, None)
     if data_dir is None and not {"partition-id", "num-partitions"} <= set(node):
         raise ValueError("This SuperNode has no data: start it with --node-config "
                          "'partition-id=I num-partitions=N', or 'data-dir=\"/path\"' to a "
@@ -181,28 +189,31 @@ def _ndarrays(client: TorchClient, record: ArrayRecord) -> list[np.ndarray]:
 
 
 # The client's privacy accounting lives in the node's Context.state, which Flower keeps for the
-# whole run: a client evicted from the cache above is rebuilt with its epsilon intact.
+# whole run: a client evicted from the cache above is rebuilt with its epsilon intact. A pool
+# node keeps one entry per client it has served.
 _PRIVACY_STATE = "privacy"
 
 
 def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """The reply content to a "train" or "evaluate" message's `content`; the client's privacy
     state is read from and written back to `context.state`."""
-    client = _client(context)
+    config = dict(content["config"])
+    client_id = config.get(CLIENT_ID)
+    client = _client(context, None if client_id is None else int(client_id))
     if client.threads and torch.get_num_threads() != client.threads:
         torch.set_num_threads(client.threads)  # per message: one process may serve two models
     params = _ndarrays(client, content["arrays"])
-    config = dict(content["config"])
     if kind == "evaluate":
         loss, num_examples, metrics = client.evaluate(params, config)
         return RecordDict({"metrics": MetricRecord({**metrics, "loss": loss,
                                                     "num-examples": num_examples})})
     if kind != "train":
         raise ValueError(f"Unknown message kind {kind!r}: expected 'train' or 'evaluate'.")
-    if client.privacy is not None and _PRIVACY_STATE in context.state:
-        client.privacy.load_state(dict(context.state[_PRIVACY_STATE]))
+    state_key = _PRIVACY_STATE if client_id is None else f"{_PRIVACY_STATE}.{client_id}"
+    if client.privacy is not None and state_key in context.state:
+        client.privacy.load_state(dict(context.state[state_key]))
     arrays, num_examples, metrics = client.fit(params, config)
     if client.privacy is not None:
-        context.state[_PRIVACY_STATE] = ConfigRecord(client.privacy.state())
+        context.state[state_key] = ConfigRecord(client.privacy.state())
     return RecordDict({"arrays": to_array_record(dict(zip(client.keys, arrays, strict=True))),
                        "metrics": MetricRecord({**metrics, "num-examples": num_examples})})

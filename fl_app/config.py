@@ -99,6 +99,26 @@ def check(cfg: DictConfig) -> None:
             f"min_clients={cfg.min_clients} exceeds num_clients={cfg.num_clients}: "
             "lower min_clients or add clients."
         )
+    if cfg.get("client_pool") is not None:
+        _check_client_pool(cfg)
+
+
+def _check_client_pool(cfg: DictConfig) -> None:
+    pool = cfg.client_pool
+    problem = None
+    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+        problem = "it must be null or an integer >= 1 (the number of SuperNodes to run)"
+    elif cfg.num_clients is None:
+        problem = "a pool serves a population of num_clients clients: set num_clients too"
+    elif pool > cfg.num_clients:
+        problem = f"it exceeds num_clients={cfg.num_clients}: use null (one SuperNode each)"
+    elif cfg.min_clients > pool:
+        problem = f"min_clients={cfg.min_clients} of its SuperNodes can never connect"
+    elif not str(cfg.strategy._target_).startswith("fl_app.strategies."):
+        problem = ("Flower's built-in strategies sample SuperNodes, not clients: use one of "
+                   "fl_app's (fedavg, fedsgd, dp_fedavg, dp_fedavg_adaptive, dp_fedsgd)")
+    if problem:
+        raise ConfigError(f"client_pool={pool} is invalid: {problem}.")
 
 
 def _strategy_rules(cfg: DictConfig) -> list[tuple[str, bool, str]]:

@@ -23,13 +23,14 @@ _RUN_ID = 1
 
 
 class InProcessGrid:
-    """A Flower `Grid` whose nodes 0..num_clients-1 are partitions served in this process.
+    """A Flower `Grid` whose nodes 0..num_nodes-1 are partitions served in this process (with a
+    client pool: nodes that serve whichever client each message names).
 
     Each node keeps its own `Context` (and so its client-side state, e.g. DP-SGD accounting)
     for the life of the grid. `silent` nodes never answer, like SuperNodes that died.
     """
 
-    def __init__(self, overrides: Sequence[str], num_clients: int,
+    def __init__(self, overrides: Sequence[str], num_nodes: int,
                  silent: Iterable[int] = ()) -> None:
         _set_identity()
         run_config = {"overrides": shlex.join(overrides)}
@@ -37,8 +38,8 @@ class InProcessGrid:
             node_id: Context(run_id=_RUN_ID, node_id=node_id, state=RecordDict(),
                              run_config=run_config,
                              node_config={"partition-id": node_id,
-                                          "num-partitions": num_clients})
-            for node_id in range(num_clients)
+                                          "num-partitions": num_nodes})
+            for node_id in range(num_nodes)
         }
         self.silent = set(silent)
 
@@ -64,7 +65,8 @@ def run(overrides: Sequence[str] = (), num_clients: int | None = None) -> dict:
     if cfg.num_clients is None:
         raise ValueError("An in-process run needs num_clients: pass num_clients=N.")
     overrides = [*overrides, f"num_clients={cfg.num_clients}"]
-    return run_rounds(InProcessGrid(overrides, cfg.num_clients), compose(overrides))
+    cfg = compose(overrides)
+    return run_rounds(InProcessGrid(overrides, cfg.client_pool or cfg.num_clients), cfg)
 
 
 def _set_identity() -> None:

@@ -69,6 +69,8 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
     model = instantiate(cfg.model)
     test = load_dataset(cfg.dataset)
     strategy = resumed.strategy if resumed else instantiate(cfg.strategy)
+    if cfg.client_pool is not None:
+        strategy.use_client_pool(cfg.num_clients)
     stop_rule = instantiate(cfg.stopping)
     round_logger = instantiate(cfg.logger, log_dir=str(out))
     log(INFO, "fl_app: %s, %s (%d parameters), %s, %s partitions x %d clients, %d rounds",
@@ -240,16 +242,17 @@ def usable_replies(rnd: int, replies: list[Message],
 
 
 def wait_for_clients(grid: Grid, cfg: DictConfig, wanted: int | None = None) -> int:
-    """Wait for `wanted` SuperNodes (default: min_clients, and num_clients if set); return how
-    many are there, or raise NotEnoughClientsError after node_wait_timeout."""
-    wanted = wanted or max(cfg.min_clients, cfg.num_clients or 0)
+    """Wait for `wanted` SuperNodes (default: min_clients, and client_pool or num_clients if
+    set); return how many are there, or raise NotEnoughClientsError after node_wait_timeout."""
+    wanted = wanted or max(cfg.min_clients, cfg.client_pool or cfg.num_clients or 0)
     deadline = time.time() + cfg.node_wait_timeout
     while (connected := len(list(grid.get_node_ids()))) < wanted:
         if time.time() > deadline:
             raise NotEnoughClientsError(
                 f"Only {connected} SuperNode(s) connected after {cfg.node_wait_timeout} s; the "
                 f"run needs {wanted} (min_clients={cfg.min_clients}, "
-                f"num_clients={cfg.num_clients}). Start more SuperNodes or raise num-supernodes "
+                f"num_clients={cfg.num_clients}, client_pool={cfg.client_pool}). Start more "
+                "SuperNodes or raise num-supernodes "
                 "(--federation-config 'num-supernodes=N'), or lower min_clients."
             )
         time.sleep(0.5)

@@ -35,7 +35,7 @@ from flwr.common.logger import log
 from flwr.serverapp.grid import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fl_app.records import array_views, from_array_record, to_array_record
+from fl_app.records import CLIENT_ID, array_views, from_array_record, to_array_record
 from fl_app.strategies.averaging import all_finite, axpy, weighted_sum
 
 NUM_EXAMPLES = "num-examples"
@@ -58,13 +58,22 @@ class BadReply(ValueError):
 
 
 def _messages(message_type: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-              node_ids: list[int], extra: dict | None = None) -> list[Message]:
-    """One message per node, all sharing one content: the arrays and a copy of the config
-    (never the caller's, which is reused every round) with the round and `extra` added."""
-    sent_config = ConfigRecord({**dict(config), **(extra or {}), "server-round": server_round})
-    content = RecordDict({"arrays": arrays, "config": sent_config})
-    return [Message(content=content, dst_node_id=node_id, message_type=message_type)
-            for node_id in node_ids]
+              targets: list[tuple[int, int | None]], extra: dict | None = None) -> list[Message]:
+    """One message per (node id, client id) target, carrying the arrays and a copy of the config
+    (never the caller's, which is reused every round) with the round and `extra` added. Without
+    client ids every message shares one content; a pool node's message also says which client
+    it serves (CLIENT_ID)."""
+    sent = {**dict(config), **(extra or {}), "server-round": server_round}
+    shared = RecordDict({"arrays": arrays, "config": ConfigRecord(sent)})
+
+    def content(client_id: int | None) -> RecordDict:
+        if client_id is None:
+            return shared
+        config_record = ConfigRecord({**sent, CLIENT_ID: client_id})
+        return RecordDict({"arrays": arrays, "config": config_record})
+
+    return [Message(content=content(client_id), dst_node_id=node_id, message_type=message_type)
+            for node_id, client_id in targets]
 
 
 def _float_dtype(dtype: np.dtype) -> np.dtype:
@@ -208,6 +217,9 @@ class SampledStrategy(FedAvg):
             self.min_evaluate_nodes = 0
         self.node_wait_timeout = float(node_wait_timeout)
         self.seed = int(seed)
+        # With a client pool (`use_client_pool`): the population size; the nodes serve clients.
+        self.population: int | None = None
+        self._pool: list[int] = []
         self.current: dict[str, np.ndarray] | None = None
         self.last_dropped: list[str] = []
         # The largest epsilon each kind of client-side DP has reported (see CLIENT_EPSILONS).
@@ -274,22 +286,55 @@ class SampledStrategy(FedAvg):
                 logged = True
             time.sleep(min(0.5, remaining))
 
+    def use_client_pool(self, population: int) -> None:
+        """Sample from `population` clients instead of from the connected nodes; the nodes are
+        a pool that each serve, per message, the client the server names (CLIENT_ID)."""
+        if isinstance(population, bool) or int(population) != population or population < 1:
+            raise ValueError(f"population must be a positive integer, got {population!r}.")
+        self.population = int(population)
+
+    def candidates(self, grid: Grid, required: int) -> list[int]:
+        """Who can be sampled: the connected node ids (at least `required`, waited for), or
+        with a client pool the client ids 0..population-1 (the pool's nodes are waited for)."""
+        node_ids = self.wait_for_nodes(grid, required if self.population is None
+                                       else self.min_available_nodes)
+        if self.population is None:
+            return node_ids
+        if self.population < required:
+            raise NotEnoughClientsError(
+                f"The population has {self.population} clients, but this strategy requires "
+                f"{required} (min_train_nodes / min_evaluate_nodes / min_available_nodes): "
+                "raise num_clients or lower min_clients.")
+        self._pool = node_ids
+        return list(range(self.population))
+
+    def targets(self, chosen: list[int]) -> list[tuple[int, int | None]]:
+        """(node id, client id) per chosen candidate: the node itself, or with a client pool
+        the clients dealt round-robin onto the pool's nodes (a node serves its share in turn)."""
+        if self.population is None:
+            return [(node_id, None) for node_id in chosen]
+        if not self._pool:
+            raise RuntimeError("No pool nodes known yet: call candidates() first.")
+        return [(self._pool[i % len(self._pool)], client_id)
+                for i, client_id in enumerate(chosen)]
+
     def sample_nodes(
         self, grid: Grid, server_round: int, fraction: float, min_nodes: int, stream: int = 0
     ) -> list[int]:
-        """Sample max(int(n * fraction), min_nodes) of the n connected nodes, capped at n.
+        """Sample max(int(n * fraction), min_nodes) of the n candidates, capped at n: the
+        connected nodes, or with a client pool the population's clients.
 
         Deterministic for a given (seed, round, stream): node ids are sorted first, so the
         order in which the grid lists them does not matter.
         """
-        node_ids = self.wait_for_nodes(grid, max(self.min_available_nodes, min_nodes))
-        size = min(max(int(len(node_ids) * fraction), min_nodes), len(node_ids))
+        candidates = self.candidates(grid, max(self.min_available_nodes, min_nodes))
+        size = min(max(int(len(candidates) * fraction), min_nodes), len(candidates))
         entropy = [self.seed, server_round]
         if stream != _TRAIN_STREAM:
             entropy.append(stream)
         rng = np.random.default_rng(entropy)
-        chosen = rng.choice(len(node_ids), size=size, replace=False)
-        return sorted(node_ids[i] for i in chosen)
+        chosen = rng.choice(len(candidates), size=size, replace=False)
+        return sorted(candidates[i] for i in chosen)
 
     # ----------------------------------------------------------------------------------------
     # Training
@@ -304,16 +349,19 @@ class SampledStrategy(FedAvg):
         node_ids = self.sample_nodes(
             grid, server_round, self.fraction_train, self.min_train_nodes, _TRAIN_STREAM
         )
-        log(INFO, "configure_train: sampled %d nodes", len(node_ids))
+        log(INFO, "configure_train: sampled %d %s", len(node_ids),
+            "nodes" if self.population is None else "clients")
         return self.build_train_messages(server_round, arrays, config, node_ids)
 
     def build_train_messages(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, chosen: list[int]
     ) -> list[Message]:
-        """Remember `arrays` as the current global model and build one TRAIN message per node."""
+        """Remember `arrays` as the current global model and build one TRAIN message per chosen
+        node (or pool client)."""
         self.set_current(arrays)
         extra = {**self.client_config(), "mode": self.mode}
-        return _messages(MessageType.TRAIN, server_round, arrays, config, node_ids, extra)
+        return _messages(MessageType.TRAIN, server_round, arrays, config, self.targets(chosen),
+                         extra)
 
     def client_config(self) -> dict[str, int | float | str | bool]:
         """What this strategy tells every client besides the mode (none for FedAvg)."""
@@ -471,7 +519,8 @@ class SampledStrategy(FedAvg):
         node_ids = self.sample_nodes(
             grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes, _EVALUATE_STREAM
         )
-        return _messages(MessageType.EVALUATE, server_round, arrays, config, node_ids)
+        return _messages(MessageType.EVALUATE, server_round, arrays, config,
+                         self.targets(node_ids))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -60,7 +60,8 @@ class DPNoise(Strategy):
     clip_norm : C, the L2 bound on each client's whole update (the initial C when adaptive).
     noise_multiplier : sigma, what the accountant is given; the noise std on the sum is
         sigma * C (fixed clipping) or sigma_u * C with the larger sigma_u (adaptive).
-    num_clients : the population size N the sampling draws from (the number of SuperNodes).
+    num_clients : the population size N the sampling draws from (the number of SuperNodes,
+        or with a client pool the number of clients).
     delta : the DP delta; default 1 / (10 N). Must be below 1 / N.
     max_epsilon : optional budget; `configure_train` raises `PrivacyBudgetExhausted` before a
         round that would exceed it.
@@ -158,6 +159,10 @@ class DPNoise(Strategy):
             self.update_noise_multiplier = update_noise_multiplier(
                 self.noise_multiplier, clipped_count_stddev)
 
+    def use_client_pool(self, population: int) -> None:
+        """Sample from `population` clients served by a pool of nodes (see SampledStrategy)."""
+        self.inner.use_client_pool(population)
+
     @property
     def expected_clients(self) -> float:
         """m = q * num_clients: the fixed denominator of the noisy mean."""
@@ -192,18 +197,19 @@ class DPNoise(Strategy):
                     f"fraction fraction_train (now {self.sample_rate:g}), train with more "
                     f"clients (num_clients, now {self.num_clients}), or raise max_epsilon."
                 )
-        node_ids = self.inner.wait_for_nodes(grid, self.inner.min_available_nodes)
-        if len(node_ids) != self.num_clients:
-            log(WARNING, "DP: %d nodes connected but num_clients = %d; the privacy accounting "
-                "and the noise scale assume %d.", len(node_ids), self.num_clients,
+        # The connected nodes, or with a client pool the population's client ids.
+        candidates = self.inner.candidates(grid, self.inner.min_available_nodes)
+        if len(candidates) != self.num_clients:
+            log(WARNING, "DP: %d clients can be sampled but num_clients = %d; the privacy "
+                "accounting and the noise scale assume %d.", len(candidates), self.num_clients,
                 self.num_clients)
-        # Poisson sampling, as the accountant assumes: each node in with probability q,
+        # Poisson sampling, as the accountant assumes: each client in with probability q,
         # independently; the cohort size varies from round to round and may be zero.
         rng = np.random.default_rng([self.inner.seed, server_round])
-        chosen = [n for n, u in zip(node_ids, rng.random(len(node_ids)), strict=True)
+        chosen = [n for n, u in zip(candidates, rng.random(len(candidates)), strict=True)
                   if u < self.sample_rate]
-        log(INFO, "configure_train (DP): Poisson-sampled %d of %d nodes (q = %g)",
-            len(chosen), len(node_ids), self.sample_rate)
+        log(INFO, "configure_train (DP): Poisson-sampled %d of %d clients (q = %g)",
+            len(chosen), len(candidates), self.sample_rate)
         messages = self.inner.build_train_messages(server_round, arrays, config, chosen)
         # Drawing N(0, sigma² C²) for every parameter takes as long as averaging ~20 CNN
         # replies; the server is idle until the replies come, so it is drawn now. Same
