@@ -79,6 +79,20 @@ def test_fl_app_sweeps_strategies_one_output_folder_each(flwr_home, tmp_path):
     assert json.loads((fedavg / "summary.json").read_text())["rounds"] == 4
 
 
+def test_fl_app_with_a_client_pool_trains_a_population_on_4_supernodes(flwr_home, tmp_path):
+    # fl-app starts client_pool SuperNodes, not num_clients; each round samples 4 of the 40.
+    cmd = [str(Path(sys.executable).parent / "fl-app"), "dataset=digits", "num_clients=40",
+           "client_pool=4", "fraction_train=0.1", *SMALL.split(),
+           f"hydra.run.dir={tmp_path / 'pool'}"]
+    proc = subprocess.run(cmd, env=flwr_home, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "pool"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sampled"] for r in rows] == [4, 4, 4] and not any(r["lost_nodes"] for r in rows)
+    assert rows[-1]["test_accuracy"] > 0.3  # chance: 0.1; 4 clients of 36 images a round
+    assert "sampled 4 clients" in proc.stdout and "Only 4 SuperNode" not in proc.stdout
+
+
 def test_fl_app_reports_a_failed_run_and_exits_nonzero(flwr_home, tmp_path):
     # Offline, torchvision's MNIST cannot be fetched: the ServerApp fails, and so must fl-app.
     cmd = [str(Path(sys.executable).parent / "fl-app"), "dataset=mnist", "num_clients=2",
