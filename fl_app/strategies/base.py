@@ -186,6 +186,10 @@ class SampledStrategy(FedAvg):
     mode: str = "weights"
     # Weight each client's update by its num-examples (True) or count every client once.
     weighted: bool = True
+    # With a client pool (`use_client_pool`): the population size, and the nodes serving it.
+    # Class-level too, so a strategy pickled in a checkpoint before pools existed resumes.
+    population: int | None = None
+    _pool: tuple[int, ...] = ()
 
     def __init__(
         self,
@@ -217,9 +221,6 @@ class SampledStrategy(FedAvg):
             self.min_evaluate_nodes = 0
         self.node_wait_timeout = float(node_wait_timeout)
         self.seed = int(seed)
-        # With a client pool (`use_client_pool`): the population size; the nodes serve clients.
-        self.population: int | None = None
-        self._pool: list[int] = []
         self.current: dict[str, np.ndarray] | None = None
         self.last_dropped: list[str] = []
         # The largest epsilon each kind of client-side DP has reported (see CLIENT_EPSILONS).
@@ -305,7 +306,7 @@ class SampledStrategy(FedAvg):
                 f"The population has {self.population} clients, but this strategy requires "
                 f"{required} (min_train_nodes / min_evaluate_nodes / min_available_nodes): "
                 "raise num_clients or lower min_clients.")
-        self._pool = node_ids
+        self._pool = tuple(node_ids)
         return list(range(self.population))
 
     def targets(self, chosen: list[int]) -> list[tuple[int, int | None]]:
