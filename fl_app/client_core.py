@@ -164,19 +164,18 @@ def _client(context: Context, client_id: int | None = None) -> TorchClient:
     # A simulated ClientApp process serves many partitions: one cached client each.
     node = context.node_config
     data_dir = node.get("data-dir")
+    run = (int(context.run_id), tuple(sorted(context.run_config.items())))
     if client_id is not None:  # a pool node: the server names the client (partition) to serve
         if data_dir is not None:
             raise ValueError("The server sent a client id (config client_pool), but this "
                              "SuperNode holds its own data (data-dir): a client pool is for "
                              "simulations. Set client_pool=null.")
-        return _cached_client(int(context.run_id), tuple(sorted(context.run_config.items())),
-                              int(client_id), None, None)
+        return _cached_client(*run, client_id, None, None)
     if data_dir is None and not {"partition-id", "num-partitions"} <= set(node):
         raise ValueError("This SuperNode has no data: start it with --node-config "
                          "'partition-id=I num-partitions=N', or 'data-dir=\"/path\"' to a "
                          "folder holding train.npz (see fl_app.deploy.partitions).")
-    return _cached_client(int(context.run_id), tuple(sorted(context.run_config.items())),
-                          int(node.get("partition-id", 0)),
+    return _cached_client(*run, int(node.get("partition-id", 0)),
                           int(node.get("num-partitions", 1)),
                           str(data_dir) if data_dir is not None else None)
 
@@ -198,8 +197,8 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """The reply content to a "train" or "evaluate" message's `content`; the client's privacy
     state is read from and written back to `context.state`."""
     config = dict(content["config"])
-    client_id = config.get(CLIENT_ID)
-    client = _client(context, None if client_id is None else int(client_id))
+    client_id = None if config.get(CLIENT_ID) is None else int(config[CLIENT_ID])
+    client = _client(context, client_id)
     if client.threads and torch.get_num_threads() != client.threads:
         torch.set_num_threads(client.threads)  # per message: one process may serve two models
     params = _ndarrays(client, content["arrays"])
