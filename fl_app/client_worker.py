@@ -25,27 +25,10 @@ from flwr.common.serde import context_from_proto, recorddict_from_proto, recordd
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fl_app.processes import share_cores
 from fl_app.worker_link import recv_frame, send_frame
 
 IDLE_SECONDS = float(os.environ.get("FL_APP_WORKER_IDLE", "600"))
-
-
-def share_cores(torch) -> int:
-    """Train with this machine's cores divided among its client workers, unless
-    FL_APP_TORCH_THREADS says otherwise; return the thread count.
-
-    Several SuperNodes on one machine (a test federation, a lab box) each with torch's default
-    of one thread per core oversubscribe it: 3 SuperNodes on 2 cores made a CNN round ~2x
-    slower (the issue's measurement). A SuperNode alone on its machine still gets every core.
-    """
-    wanted = int(os.environ.get("FL_APP_TORCH_THREADS", "0"))
-    if not wanted:
-        from fl_app.processes import client_workers
-
-        wanted = max(1, (os.cpu_count() or 1) // max(1, len(client_workers())))
-    if torch.get_num_threads() != wanted:
-        torch.set_num_threads(wanted)
-    return wanted
 
 
 def _alive(pid: int) -> bool:

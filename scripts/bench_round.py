@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Wall time of one round with 3 clients: simulation vs a real 3-SuperNode deployment (TLS+auth).
+"""Wall time of one round with 3 clients: simulation vs a real 3-SuperNode deployment (TLS+auth):
+SuperNodes as Flower starts them (with fl_app's client worker), SuperNodes with
+fl-app-executor (`--isolation process`), and a SuperLink with `--database`.
 
     python scripts/bench_round.py [--rounds 4] [hydra overrides...]
 
 Prints, for each mode, the first round (start-up included), the median of the later rounds
-(steady state) and the whole `flwr run`. Every SuperLink and SuperNode it starts is stopped.
+(steady state) and the whole `flwr run`. Every process it starts is stopped.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from pathlib import Path
 from fl_app.deploy.federation import LocalFederation, free_port
 from fl_app.processes import pids_with_cmdline, stop
 from fl_app.runner import flwr_env, flwr_run, toml_run_config
-
-TUNED = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "OMP_NUM_THREADS": "1"}
 
 
 def _round_times(out: Path) -> list[float]:
@@ -47,9 +47,9 @@ def simulation(work: Path, overrides: list[str]) -> tuple[list[float], float]:
     return _round_times(out), wall
 
 
-def deployment(work: Path, overrides: list[str], env: dict[str, str]) -> tuple[list[float], float]:
+def deployment(work: Path, overrides: list[str], **federation) -> tuple[list[float], float]:
     out = work / "out"
-    with LocalFederation(work, 3, env=env) as fed:
+    with LocalFederation(work, 3, **federation) as fed:
         config = toml_run_config({"overrides": shlex.join([*overrides, f"output_dir={out}"])},
                                  work / "run.toml")
         start = time.time()
@@ -67,8 +67,9 @@ def main() -> None:
     overrides = ["model=mlp", "dataset=mnist5k", f"num_rounds={args.rounds}", *args.overrides]
     modes = {
         "simulation (Ray, 3 clients)": lambda w: simulation(w, overrides),
-        "deployment, Flower defaults": lambda w: deployment(w, overrides, {}),
-        "deployment, poll 0.1 s + 1 thread": lambda w: deployment(w, overrides, TUNED),
+        "deployment": lambda w: deployment(w, overrides),
+        "deployment, fl-app-executor": lambda w: deployment(w, overrides, executor=True),
+        "deployment, SuperLink --database": lambda w: deployment(w, overrides, database=True),
     }
     print(f"{'mode':36} {'round 1 (s)':>12} {'later rounds, median (s)':>26} {'flwr run (s)':>13}")
     for name, measure in modes.items():

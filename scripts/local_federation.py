@@ -3,6 +3,7 @@
 
     python scripts/local_federation.py strategy=fedsgd model=cnn num_rounds=5
     python scripts/local_federation.py --supernodes 5 --keep     # stay up for more `flwr run`s
+    python scripts/local_federation.py --executor model=cnn      # SuperNodes with fl-app-executor
 
 Creates credentials, starts a SuperLink and the SuperNodes (each with its own partition) as
 separate processes, registers the SuperNodes' keys, runs this app with the given Hydra
@@ -38,17 +39,23 @@ def main() -> int:
                              "outputs/federation/<date>_<time>)")
     parser.add_argument("--keep", action="store_true",
                         help="after the run, keep the federation up until Ctrl-C")
+    parser.add_argument("--executor", action="store_true",
+                        help="SuperNodes in --isolation process, each with an fl-app-executor")
+    parser.add_argument("--database", action="store_true",
+                        help="the SuperLink keeps its state in SQLite (superlink.db)")
     args = parser.parse_args()
     workdir = (args.workdir or PROJECT_ROOT / "outputs" / "federation"
                / f"{datetime.now():%Y-%m-%d_%H-%M-%S}").resolve()
     out = workdir / "outputs"
-    fed = LocalFederation(workdir, args.supernodes, env=FAST)
+    fed = LocalFederation(workdir, args.supernodes, env=FAST, executor=args.executor,
+                          database=args.database)
     # Ctrl-C or a kill: leave through `finally`, which stops every process started here.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     try:
         fed.start()
         print(f"SuperLink {fed.address} (TLS, SuperNode authentication) with "
-              f"{args.supernodes} SuperNodes\n  logs:    {fed.logs}\n  outputs: {out}\n"
+              f"{args.supernodes} SuperNodes" + (" and their executors" if args.executor else "")
+              + f"\n  logs:    {fed.logs}\n  outputs: {out}\n"
               f"  CLI:     FLWR_HOME={fed.env['FLWR_HOME']} flwr run . {CONNECTION}", flush=True)
         overrides = [*args.overrides, f"output_dir='{out}'"]
         run_config = toml_run_config({"overrides": shlex.join(overrides)}, workdir / "run.toml")

@@ -128,15 +128,18 @@ class FakeTorch:
 
 def test_workers_on_one_machine_share_its_cores_unless_told(monkeypatch) -> None:
     from fl_app import processes
-    from fl_app.client_worker import share_cores
+    from fl_app.processes import share_cores
 
     monkeypatch.delenv("FL_APP_TORCH_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     monkeypatch.setattr(processes, "client_workers", lambda owners=None: [11, 12, 13])
+    monkeypatch.setattr(processes, "executors", lambda: [])
     torch = FakeTorch()
     assert share_cores(torch) == 2 and torch.threads == 2  # 8 cores, 3 workers
     monkeypatch.setattr(processes, "client_workers", lambda owners=None: [11])
     assert share_cores(torch) == 8  # alone on its machine: every core
+    monkeypatch.setattr(processes, "executors", lambda: [21, 22, 23])
+    assert share_cores(torch) == 2  # a worker and 3 fl-app-executors
     monkeypatch.setenv("FL_APP_TORCH_THREADS", "3")
     assert share_cores(torch) == 3
 

@@ -32,7 +32,8 @@ class LocalFederation:
     def __init__(self, workdir: Path, num_supernodes: int = 3, tls: bool = True,
                  auth: bool = True, env: dict[str, str] | None = None,
                  superlink_cwd: Path | None = None,
-                 data_dirs: dict[int, Path] | None = None) -> None:
+                 data_dirs: dict[int, Path] | None = None, executor: bool = False,
+                 database: bool = False) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS: Flower refuses it otherwise.")
         self.workdir = Path(workdir).resolve()
@@ -45,6 +46,10 @@ class LocalFederation:
         self.superlink_cwd = superlink_cwd or self.workdir
         self.env = flwr_env({"FLWR_HOME": str(self.workdir / "flwr-home"), **(env or {})})
         self.data_dirs = data_dirs or {}  # SuperNodes that hold their own data folder
+        # executor: SuperNodes in --isolation process, each served by an fl-app-executor.
+        # database: the SuperLink keeps its state in SQLite (it survives a restart) instead of
+        # in memory (Flower's default); every array of every message then goes through it.
+        self.executor, self.database = executor, database
         self.procs: dict[str, subprocess.Popen] = {}
         self.log_offsets: dict[str, int] = {}  # where each process's latest start begins
 
@@ -74,8 +79,9 @@ class LocalFederation:
 
     def start_superlink(self) -> None:
         cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
-               "--database", str(self.workdir / "superlink.db"),
                "--disable-runtime-dependency-installation"]
+        if self.database:
+            cmd += ["--database", str(self.workdir / "superlink.db")]
         if self.tls:
             cmd += ["--ssl-ca-certfile", str(self.creds / "ca.crt"),
                     "--ssl-certfile", str(self.creds / "server.pem"),
@@ -102,10 +108,18 @@ class LocalFederation:
         key = key or (self.creds / f"supernode-{index}.key" if self.auth else None)
         if key:
             cmd += ["--auth-supernode-private-key", str(key)]
+        if self.executor:
+            cmd += ["--isolation", "process"]
         return cmd
 
     def start_supernode(self, index: int, key: Path | None = None) -> subprocess.Popen:
-        return self._spawn(f"supernode-{index}", self.supernode_cmd(index, key))
+        proc = self._spawn(f"supernode-{index}", self.supernode_cmd(index, key))
+        if self.executor:
+            runtime_api = f"127.0.0.1:{proc.args[proc.args.index('--port') + 1]}"
+            self._spawn(f"executor-{index}", ["fl-app-executor", "--insecure",
+                                              "--runtime-api-address", runtime_api,
+                                              "--parent-pid", str(proc.pid)])
+        return proc
 
     def restart_supernode(self, index: int, timeout: float = 120) -> subprocess.Popen:
         """Start a SuperNode again until the SuperLink lets it back in.
@@ -151,12 +165,14 @@ class LocalFederation:
         return self
 
     def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        _stop_tree(proc, grace=0)
+        for each in (name, name.replace("supernode-", "executor-")):
+            if each in self.procs:
+                _stop_tree(self.procs.pop(each), grace=0)
 
     def stop(self) -> None:
-        """Stop every process started here, SuperNodes first, each with its children."""
-        for name in sorted(self.procs, key=lambda n: n == "superlink"):
+        """Stop every process started here, each with its children: executors, SuperNodes,
+        then the SuperLink."""
+        for name in sorted(self.procs, key=lambda n: (n == "superlink", n.startswith("super"))):
             _stop_tree(self.procs[name], grace=10)
         self.procs.clear()
 

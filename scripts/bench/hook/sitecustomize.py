@@ -62,24 +62,6 @@ _PATCHES = {
 }
 
 
-# Experiment only (FL_APP_BENCH_MAX_SLEEP=seconds): cap the fixed sleeps of Flower's deployment
-# loops (the SuperNode's 3 s idle pull and 0.5 s reply wait, the ServerApp grid's 3 s pull) to
-# measure how much of a round they are. Never set outside the benchmark.
-_MAX_SLEEP = os.environ.get("FL_APP_BENCH_MAX_SLEEP")
-_SLEEPY = ("flwr.supernode.start_client_internal", "flwr.superlink.grid.http_grid")
-
-
-class _CappedTime:
-    def __init__(self, real, cap: float) -> None:
-        self._real, self._cap = real, cap
-
-    def sleep(self, seconds: float) -> None:
-        self._real.sleep(min(seconds, self._cap))
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-
 # Modules whose import completion is stamped (event name).
 _IMPORTED = {"flwr.supernode.cli": "flwr-entry", "flwr.simulation.app": "flwr-entry",
              "torch": "torch", "ray": "ray", "fl_app.client_app": "clientapp-module"}
@@ -101,8 +83,6 @@ def _first_backward(backward):
 def _patch(module) -> None:
     if module.__name__ == "torch":
         module.Tensor.backward = _first_backward(module.Tensor.backward)
-    if _MAX_SLEEP and module.__name__ in _SLEEPY and hasattr(module, "time"):
-        module.time = _CappedTime(module.time, float(_MAX_SLEEP))
     if module.__name__ in _IMPORTED:
         stamp(_IMPORTED[module.__name__])
     for attr, factory, event in _PATCHES.get(module.__name__, []):
@@ -123,7 +103,7 @@ if _PATH:
             if name == "fl_app" and name not in _seen:
                 _seen.add(name)
                 stamp("app-load")
-            if name not in _PATCHES and name not in _IMPORTED and name not in _SLEEPY:
+            if name not in _PATCHES and name not in _IMPORTED:
                 return None
             for finder in sys.meta_path:
                 if finder is self or not hasattr(finder, "find_spec"):

@@ -1,0 +1,113 @@
+"""fl-app-executor: SuperNodes in `--isolation process` whose ClientApp tasks run in one
+persistent process each, over a real SuperLink (TLS, SuperNode authentication)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from fl_app import executor as executor_module
+from fl_app.deploy.federation import CONNECTION, LocalFederation
+from fl_app.executor import Executor, parse_args
+from fl_app.processes import alive
+from fl_app.runner import PROJECT_ROOT, flwr_run, staged_app, toml_run_config
+
+
+@pytest.mark.parametrize("argv, complaint", [
+    ([], "exactly one of --insecure"),
+    (["--insecure", "--root-certificates", "ca.crt"], "exactly one of --insecure"),
+    (["--root-certificates", "/nonexistent/ca.crt"], "/nonexistent/ca.crt is not a file"),
+    (["--insecure", "--superexec-auth-secret-file", "/nonexistent/s"], "is not a file"),
+])
+def test_bad_arguments_get_one_clear_error(argv, complaint, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert complaint in capsys.readouterr().err
+
+
+class Restarted(Exception):
+    pass
+
+
+def test_a_task_of_another_app_version_restarts_the_process_with_that_task(monkeypatch):
+    ex = Executor("127.0.0.1:1", insecure=True)  # never contacted: acquire and run are faked
+    tasks = iter([("t1", "hash-a"), None, ("t2", "hash-a"), ("t3", "hash-b")])
+    ran: list[str] = []
+
+    def run_task(token: str) -> None:
+        ran.append(token)
+        ex.app, ex.fab_hash = object(), "hash-a"
+
+    def execv(path: str, args: list[str]) -> None:
+        raise Restarted(args)
+
+    monkeypatch.setattr(ex, "acquire", lambda: next(tasks))
+    monkeypatch.setattr(ex, "run_task", run_task)
+    monkeypatch.setattr(executor_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(executor_module.os, "execv", execv)
+    monkeypatch.setattr(executor_module.sys, "argv",
+                        ["fl-app-executor", "--insecure", "--token", "t0"])
+    with pytest.raises(Restarted) as restart:
+        ex.serve()
+    assert ran == ["t1", "t2"]  # the same version runs here; the other one is not run here
+    args = restart.value.args[0]
+    assert args[1:3] == ["-m", "fl_app.executor"]
+    assert args[3:] == ["--insecure", "--token", "t3"]  # the old --token is not passed on
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    work = tmp_path_factory.mktemp("executor-federation")
+    fed = LocalFederation(work, num_supernodes=2, executor=True)
+    fed.start()
+    yield fed
+    pids = [p.pid for p in fed.procs.values()]
+    fed.stop()
+    assert not any(alive(pid) for pid in pids)
+
+
+def _tasks_done(fed: LocalFederation, index: int) -> int:
+    log = (fed.logs / f"executor-{index}.log").read_text()
+    return len(re.findall(r"fl-app-executor: task \d+ completed", log))
+
+
+def _run(fed: LocalFederation, tmp_path: Path, rounds: int, project: Path = PROJECT_ROOT):
+    out = tmp_path / f"out-{project.name}"
+    overrides = shlex.join([f"num_rounds={rounds}", f"output_dir={out}"])
+    config = toml_run_config({"overrides": overrides}, tmp_path / "run.toml")
+    result = flwr_run(config, 0, fed.env, project=project, superlink=CONNECTION, echo=False,
+                      timeout=600)
+    assert result.ok, result.log[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.e2e
+def test_executors_run_every_clientapp_task_and_the_model_learns(federation, tmp_path):
+    rows = _run(federation, tmp_path, rounds=3)
+    assert rows[-1]["test_accuracy"] > rows[0]["test_accuracy"] > 0.5
+    # Two SuperNodes, 3 rounds, every node sampled: 6 train messages, each run by the one
+    # executor of its SuperNode (no SuperExec runs in --isolation process).
+    assert [_tasks_done(federation, i) for i in (0, 1)] == [3, 3]
+    assert all(alive(federation.procs[f"executor-{i}"].pid) for i in (0, 1))
+
+
+@pytest.mark.e2e
+def test_a_new_app_version_is_loaded_from_its_fab_in_the_same_process(federation, tmp_path):
+    if _tasks_done(federation, 0) == 0:  # this test alone: load version 1 first
+        _run(federation, tmp_path, rounds=1)
+    marker = tmp_path / "new-version-loaded"
+    before = [federation.procs[f"executor-{i}"].pid for i in (0, 1)]
+    with staged_app() as project:  # a copy of the app's files, made version 2
+        code = f"\nimport os as _os\nopen({str(marker)!r}, 'a').write(f'{{_os.getpid()}}\\n')\n"
+        with (project / "fl_app" / "client_app.py").open("a") as f:
+            f.write(code)
+        _run(federation, tmp_path, rounds=1, project=project)
+    # Each executor restarted itself in place (same PID) and ran version 2's own code.
+    assert sorted(int(pid) for pid in marker.read_text().split()) == sorted(before)
+    for i in (0, 1):
+        assert "restarting to load it" in (federation.logs / f"executor-{i}.log").read_text()
