@@ -162,7 +162,8 @@ def deployment(work: Path, models: tuple[str, ...], rounds: int,
     st = read_stamps(stamps)
     ends = [r["started"] for r in results.values()][1:] + [float("inf")]
     for r, end in zip(results.values(), ends, strict=True):
-        in_run = [s for s in st if r["started"] <= s["t"] < end]
+        # An fl-app-executor started with the federation, before this run: keep its start.
+        in_run = [s for s in st if r["started"] <= s["t"] < end or s["event"] == "process-start"]
         r["breakdown"] = _breakdown(in_run, tail, ports)
     return results
 
