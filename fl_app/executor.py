@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
+import httpx
 from flwr.app import Context, Message
 from flwr.app.error import Error
 from flwr.cli.install import install_from_fab
@@ -148,7 +150,8 @@ class Executor:
                     log(ERROR, "Failed to push the reply", exc_info=ex)
                     status, details = SubStatus.FAILED, f"pushing the reply failed: {ex}"
             push_task_output(client, context, status, details)
-            heartbeat.stop()
+            if heartbeat.is_running:
+                heartbeat.stop()
             client.close()
         self.tasks += 1
         log(INFO, "fl-app-executor: task %d %s in %.2f s", self.tasks, status,
@@ -215,12 +218,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _listening(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
     secret = (args.superexec_auth_secret_file.read_bytes()
               if args.superexec_auth_secret_file else None)
+    if not _listening(args.runtime_api_address):
+        log(WARNING, "fl-app-executor: nothing answers at %s yet; waiting for it. The SuperNode "
+            "must run with --isolation process, its Runtime API on that --host and --port.",
+            args.runtime_api_address)
     executor = Executor(args.runtime_api_address, args.insecure, args.root_certificates, secret)
     log(INFO, "fl-app-executor %d: running the ClientApp tasks of the SuperNode at %s",
         os.getpid(), args.runtime_api_address)
@@ -228,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         executor.serve(args.token)
     except KeyboardInterrupt:  # Ctrl-C, or the parent process ended
         pass
+    except httpx.HTTPError as err:
+        sys.exit(f"fl-app-executor: the SuperNode's Runtime API at {args.runtime_api_address} "
+                 f"stopped answering ({err}). Is the SuperNode running with --isolation "
+                 "process, on that --host and --port?")
 
 
 if __name__ == "__main__":
