@@ -1,6 +1,7 @@
 """Item 4: a round with 3 SuperNodes on loopback (TLS + SuperNode authentication, the
 project's `LocalFederation`) against the same round in simulation, and where the round floor
-sits.
+sits: SuperNodes as Flower starts them (with fl_app's client worker), then with
+fl-app-executor.
 
 The parts of a deployment round are read, for each SuperNode, from the stamps
 (scripts/bench/hook) of the ClientApp process it started and from the arrival time of its log
@@ -18,8 +19,12 @@ lines (the logs are tailed every 0.05 s; every process runs with PYTHONUNBUFFERE
   → the SuperNode has sent the reply (log: "Sent successfully")
   → the round ends (every reply at the ServerApp, aggregated, evaluated)
 
+With fl-app-executor (SuperNodes in `--isolation process`) no process starts per message: the
+stages from "train handler runs" on are stamped in the node's executor.
+
 Each stage is the median, over steady rounds and SuperNodes, of when it was reached; stages
-are listed in the order of those medians.
+are listed in the order of those medians. A last row measures the 2NN with the SuperLink's
+state in SQLite (`--database`) instead of in memory.
 """
 
 from __future__ import annotations
