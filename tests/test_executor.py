@@ -1,5 +1,6 @@
 """fl-app-executor: SuperNodes in `--isolation process` whose ClientApp tasks run in one
-persistent process each, over a real SuperLink (TLS, SuperNode authentication)."""
+persistent process each, over a real SuperLink (TLS, SuperNode authentication), with TLS
+between each executor and its SuperNode's Runtime API."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import shlex
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fl_app import executor as executor_module
@@ -94,6 +96,10 @@ def test_executors_run_every_clientapp_task_and_the_model_learns(federation, tmp
     # executor of its SuperNode (no SuperExec runs in --isolation process).
     assert [_tasks_done(federation, i) for i in (0, 1)] == [3, 3]
     assert all(alive(federation.procs[f"executor-{i}"].pid) for i in (0, 1))
+    # The executors reached the SuperNodes' Runtime APIs over TLS: plain HTTP gets no answer.
+    supernode = federation.procs["supernode-0"].args
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{supernode[supernode.index('--port') + 1]}/", timeout=5)
 
 
 @pytest.mark.e2e

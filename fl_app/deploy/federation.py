@@ -46,7 +46,8 @@ class LocalFederation:
         self.superlink_cwd = superlink_cwd or self.workdir
         self.env = flwr_env({"FLWR_HOME": str(self.workdir / "flwr-home"), **(env or {})})
         self.data_dirs = data_dirs or {}  # SuperNodes that hold their own data folder
-        # executor: SuperNodes in --isolation process, each served by an fl-app-executor.
+        # executor: SuperNodes in --isolation process, each served by an fl-app-executor (over
+        # TLS to the SuperNode's Runtime API when tls).
         # database: the SuperLink keeps its state in SQLite (it survives a restart) instead of
         # in memory (Flower's default); every array of every message then goes through it.
         self.executor, self.database = executor, database
@@ -110,13 +111,19 @@ class LocalFederation:
             cmd += ["--auth-supernode-private-key", str(key)]
         if self.executor:
             cmd += ["--isolation", "process"]
+            if self.tls:  # the executor talks to the SuperNode's Runtime API over TLS too
+                cmd += ["--ssl-certfile", str(self.creds / "server.pem"),
+                        "--ssl-keyfile", str(self.creds / "server.key"),
+                        "--ssl-ca-certfile", str(self.creds / "ca.crt")]
         return cmd
 
     def start_supernode(self, index: int, key: Path | None = None) -> subprocess.Popen:
         proc = self._spawn(f"supernode-{index}", self.supernode_cmd(index, key))
         if self.executor:
             runtime_api = f"127.0.0.1:{proc.args[proc.args.index('--port') + 1]}"
-            self._spawn(f"executor-{index}", ["fl-app-executor", "--insecure",
+            security = (["--root-certificates", str(self.creds / "ca.crt")] if self.tls
+                        else ["--insecure"])
+            self._spawn(f"executor-{index}", ["fl-app-executor", *security,
                                               "--runtime-api-address", runtime_api,
                                               "--parent-pid", str(proc.pid)])
         return proc
