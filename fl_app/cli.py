@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fl_app.config import CONF_DIR, ConfigError, check
+from fl_app.config import CONF_DIR, ConfigError, check, num_supernodes
 from fl_app.runner import PROJECT_ROOT, flwr_env, flwr_run, toml_run_config
 
 DEFAULT_SUPERNODES = 10
@@ -44,17 +44,17 @@ def _simulate(cfg: DictConfig) -> float:
         raise RunFailed(f"fl-app needs the project folder (with pyproject.toml) at {PROJECT_ROOT}: "
                         "install it with `pip install -e .` from a clone.")
     if cfg.resume:
-        out, run_config, num_supernodes = _resumed_run(Path(cfg.resume), hc.overrides.task)
+        out, run_config, supernodes = _resumed_run(Path(cfg.resume), hc.overrides.task)
     else:
         out = Path(hc.runtime.output_dir).resolve()
         overrides = [o for o in hc.overrides.task if not o.startswith("output_dir=")]
         overrides.append(f"output_dir='{out}'")  # quoted: sweep folder names hold '=' and ','
         run_config = {"overrides": shlex.join(overrides)}
-        num_supernodes = cfg.client_pool or cfg.num_clients
+        supernodes = num_supernodes(cfg)
     run_config_file = toml_run_config(run_config, out / "run_config.toml")
     # One CPU per simulated client: Flower's default of 2 runs one client at a time here, and
     # measured 1.57x (CNN) / 2.2x (2NN) a plain PyTorch loop against about 1.2x with 1.
-    result = flwr_run(run_config_file, num_supernodes or DEFAULT_SUPERNODES, flwr_env(),
+    result = flwr_run(run_config_file, supernodes or DEFAULT_SUPERNODES, flwr_env(),
                       client_cpus=1)
     summary_file = out / "summary.json"
     if not result.ok or not summary_file.exists():
@@ -80,8 +80,7 @@ def _resumed_run(folder: Path, overrides: list[str]) -> tuple[Path, dict, int]:
     extra = [o for o in overrides if not o.startswith(("resume=", "output_dir="))]
     run_config["overrides"] = shlex.join(
         [*shlex.split(str(run_config.get("overrides", ""))), *extra, f"resume='{folder}'"])
-    saved_cfg = OmegaConf.load(folder / "config.yaml")
-    return folder, run_config, saved_cfg.get("client_pool") or saved_cfg.num_clients
+    return folder, run_config, num_supernodes(OmegaConf.load(folder / "config.yaml"))
 
 
 def main() -> None:

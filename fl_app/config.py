@@ -103,6 +103,12 @@ def check(cfg: DictConfig) -> None:
         _check_client_pool(cfg)
 
 
+def num_supernodes(cfg: DictConfig) -> int | None:
+    """How many SuperNodes a run of `cfg` serves its clients with: the client pool's size, one
+    per client (num_clients), or None (whatever the federation has)."""
+    return cfg.get("client_pool") or cfg.num_clients
+
+
 def _check_client_pool(cfg: DictConfig) -> None:
     pool = cfg.client_pool
     problem = None

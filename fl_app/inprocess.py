@@ -16,7 +16,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_app.client_app import app as client_app
-from fl_app.config import compose
+from fl_app.config import compose, num_supernodes
 from fl_app.server_loop import run as run_rounds
 
 _RUN_ID = 1
@@ -66,7 +66,7 @@ def run(overrides: Sequence[str] = (), num_clients: int | None = None) -> dict:
         raise ValueError("An in-process run needs num_clients: pass num_clients=N.")
     overrides = [*overrides, f"num_clients={cfg.num_clients}"]
     cfg = compose(overrides)
-    return run_rounds(InProcessGrid(overrides, cfg.client_pool or cfg.num_clients), cfg)
+    return run_rounds(InProcessGrid(overrides, num_supernodes(cfg)), cfg)
 
 
 def _set_identity() -> None:

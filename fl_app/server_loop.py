@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from fl_app import checkpoint, training
-from fl_app.config import compose, overrides_from_run_config, to_yaml
+from fl_app.config import compose, num_supernodes, overrides_from_run_config, to_yaml
 from fl_app.data import load_dataset
 from fl_app.models import get_weights, num_parameters, set_weights
 from fl_app.records import from_array_record, to_array_record
@@ -244,7 +244,7 @@ def usable_replies(rnd: int, replies: list[Message],
 def wait_for_clients(grid: Grid, cfg: DictConfig, wanted: int | None = None) -> int:
     """Wait for `wanted` SuperNodes (default: min_clients, and client_pool or num_clients if
     set); return how many are there, or raise NotEnoughClientsError after node_wait_timeout."""
-    wanted = wanted or max(cfg.min_clients, cfg.client_pool or cfg.num_clients or 0)
+    wanted = wanted or max(cfg.min_clients, num_supernodes(cfg) or 0)
     deadline = time.time() + cfg.node_wait_timeout
     while (connected := len(list(grid.get_node_ids()))) < wanted:
         if time.time() > deadline:
