@@ -145,6 +145,11 @@ def _cached_client(run_id: int, run_config: tuple, partition_id: int, num_partit
     return client
 
 
+def clear_client_cache() -> None:
+    """Forget every cached client: the next message of any run builds its client afresh."""
+    _cached_client.cache_clear()
+
+
 _process_threads: list[int] = []  # torch's thread count before any client set its own
 
 

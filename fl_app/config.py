@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -60,7 +62,7 @@ def _compose(overrides: tuple[str, ...]) -> DictConfig:
                 f"(files in {CONF_DIR / group})."
             )
     try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        with _outside_running_hydra(), initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose("config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(
@@ -69,6 +71,27 @@ def _compose(overrides: tuple[str, ...]) -> DictConfig:
         ) from None
     check(cfg)
     return cfg
+
+
+@contextmanager
+def _outside_running_hydra() -> Iterator[None]:
+    # Inside `fl-app engine=inprocess`, Hydra's app is running, and Hydra refuses a second
+    # initialisation: set it aside while composing, then put it back.
+    running = GlobalHydra.instance()
+    if not running.is_initialized():
+        yield
+        return
+    app = running.hydra
+    running.clear()
+    try:
+        yield
+    finally:
+        current = GlobalHydra.instance()  # `initialize_config_dir` restores a copy, not ours
+        current.clear()
+        current.initialize(app)
+
+
+ENGINES = ("flower", "inprocess")  # see conf/config.yaml
 
 
 def check(cfg: DictConfig) -> None:
@@ -84,6 +107,7 @@ def check(cfg: DictConfig) -> None:
         ("lr", cfg.lr > 0, "> 0"),
         ("val_fraction", 0 <= cfg.val_fraction < 1, "in [0, 1)"),
         ("checkpoints", cfg.checkpoints in ("last", "all"), "last or all"),
+        ("engine", cfg.get("engine", "flower") in ENGINES, " or ".join(ENGINES)),
         ("stopping.target", 0 < cfg.stopping.get("target", 1) <= 1, "in (0, 1]"),
         ("stopping.patience", cfg.stopping.get("patience", 1) >= 1, "an integer >= 1"),
         ("stopping.min_delta", cfg.stopping.get("min_delta", 0) >= 0, ">= 0"),

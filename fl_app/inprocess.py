@@ -1,20 +1,29 @@
 """The ServerApp's round loop with the real ClientApp in one process: no SuperLink, no Ray.
 
-For experiments that run hundreds of rounds (scripts/mcmahan_table2.py), for benchmarks and for
-tests. Every message still goes through `client_app.app` (the same handlers, Contexts and
-caches a SuperNode uses), and the server side is `server_loop.run` unchanged, so a result here is
-a result of the app; only the transport is left out. Use `flwr run` for anything that needs
-Flower's isolation, scheduling or a network.
+`fl-app engine=inprocess` runs simulations here; so do experiments that run hundreds of rounds
+(scripts/mcmahan_table2.py), benchmarks and tests. Every message still goes through
+`client_app.app` (the same handlers, Contexts and caches a SuperNode uses), a ClientApp that
+raises becomes an error reply as in Flower's simulation, and the server side is
+`server_loop.run` unchanged, so a result here is a result of the app; only the transport is
+left out. Clients train one after another, each with all of the process's torch threads. Use
+`flwr run` for anything that needs Flower's isolation, parallel actors, a Ray cluster or a
+network.
 """
 
 from __future__ import annotations
 
 import shlex
+import traceback
 from collections.abc import Iterable, Sequence
+from logging import ERROR
 
 from flwr.app import Context, Message, RecordDict
+from flwr.app.error import Error
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 from flwr.supercore.task_identity import TaskIdentity
 
+from fl_app import client_core
 from fl_app.client_app import app as client_app
 from fl_app.config import compose, num_supernodes
 from fl_app.server_loop import run as run_rounds
@@ -52,21 +61,38 @@ class InProcessGrid:
         for message in messages:
             node_id = message.metadata.dst_node_id
             if node_id not in self.silent:
-                replies.append(client_app(message, self.contexts[node_id]))
+                replies.append(_answer(message, self.contexts[node_id]))
         return replies
 
 
-def run(overrides: Sequence[str] = (), num_clients: int | None = None) -> dict:
+def _answer(message: Message, context: Context) -> Message:
+    try:
+        return client_app(message, context)
+    except Exception as err:  # noqa: BLE001 - a failing client is a reply, as in Flower
+        # Flower's simulation logs the traceback and replies with an error Message; the server
+        # loop then drops that client from the round (or stops if every client failed).
+        log(ERROR, "ClientApp on node %d failed:\n%s", message.metadata.dst_node_id,
+            traceback.format_exc())
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                             reason=f"{type(err).__name__}: {err}"), reply_to=message)
+
+
+def run(overrides: Sequence[str] = (), num_clients: int | None = None,
+        run_config: dict | None = None) -> dict:
     """Compose `overrides`, run every round in this process, return the run's summary.
 
-    `num_clients` defaults to the config's own (which must then be set).
+    `num_clients` defaults to the config's own (which must then be set). `run_config` is saved
+    with the outputs, for `fl-app resume=`.
     """
     cfg = compose([*overrides, *([f"num_clients={num_clients}"] if num_clients else [])])
     if cfg.num_clients is None:
         raise ValueError("An in-process run needs num_clients: pass num_clients=N.")
     overrides = [*overrides, f"num_clients={cfg.num_clients}"]
     cfg = compose(overrides)
-    return run_rounds(InProcessGrid(overrides, num_supernodes(cfg)), cfg)
+    # Clients are cached by run and config; a sweep's jobs in one process must each start
+    # from fresh clients, as separate `flwr run`s would.
+    client_core.clear_client_cache()
+    return run_rounds(InProcessGrid(overrides, num_supernodes(cfg)), cfg, run_config=run_config)
 
 
 def _set_identity() -> None:

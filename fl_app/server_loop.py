@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from fl_app import checkpoint, training
-from fl_app.config import compose, num_supernodes, overrides_from_run_config, to_yaml
+from fl_app.config import ConfigError, compose, num_supernodes, overrides_from_run_config, to_yaml
 from fl_app.data import load_dataset
 from fl_app.models import get_weights, num_parameters, set_weights
 from fl_app.records import from_array_record, to_array_record
@@ -38,6 +38,10 @@ from fl_app.strategies.base import BadReply, check_reply
 
 def main(grid: Grid, context: Context) -> None:
     cfg = compose(overrides_from_run_config(context.run_config))
+    if cfg.engine != "flower":
+        raise ConfigError(
+            f"engine={cfg.engine} is fl-app's own runner (`fl-app engine={cfg.engine} ...`); "
+            "`flwr run` and deployments always run on Flower: drop engine= from the run config.")
     run(grid, cfg, run_config=dict(context.run_config))
 
 

@@ -3,7 +3,8 @@ B = 10): start-up, time per round, and the peak memory of the whole process tree
 the local SuperLink and everything it spawned, and the run's Ray processes), sampled every
 0.5 s from /proc (PSS: shared pages split between the processes that map them; RSS summed
 counts torch's libraries once per process). Each size runs twice: one SuperNode per client
-(Flower's way), and a pool of 10 SuperNodes serving the population (`client_pool=10`).
+(Flower's way), and a pool of 10 SuperNodes serving the population (`client_pool=10`); then
+once more as `fl-app engine=inprocess` (one process, no SuperNodes).
 
 The embedded MNIST has 4,000 training images, too few for 10,000 clients, so these runs use
 `dataset=mnist` (torchvision's loader) on MNIST-format files written from the embedded 5,000
@@ -14,13 +15,30 @@ are computed once beforehand (timed and reported) into a cache of the benchmark'
 
 from __future__ import annotations
 
+import json
 import os
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import Part, Row, fmt_mb, fmt_s, python_child, read_stamps, simulate, verdict
+from bench.common import (
+    Part,
+    Row,
+    TreeMemory,
+    first,
+    fmt_mb,
+    fmt_s,
+    median,
+    python_child,
+    read_stamps,
+    simulate,
+    stamp_env,
+    verdict,
+)
 from bench.profile import spy, summarise
 
 SAMPLED = 10
@@ -82,6 +100,29 @@ def _simulation(work: Path, name: str, ov: list[str], supernodes: int, env: dict
             "py-spy of the simulation process, steady rounds": summarise(spy_file)}
 
 
+def _in_process(work: Path, name: str, ov: list[str], env: dict) -> dict:
+    """`fl-app engine=inprocess` with the same overrides: first training step after the
+    command starts, steady round, peak memory of its process tree."""
+    out, stamps = work / f"inprocess-{name}", work / f"inprocess-{name}.jsonl"
+    stamps.unlink(missing_ok=True)
+    cmd = [str(Path(sys.executable).parent / "fl-app"), "engine=inprocess", *ov,
+           f"hydra.run.dir={out}"]
+    started = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **env, **stamp_env(stamps)})
+    with TreeMemory(lambda: [proc.pid]) as memory:
+        log, _ = proc.communicate(timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fl-app engine=inprocess {name} failed:\n{log[-3000:]}")
+    rounds = [json.loads(r)["seconds"] for r in (out / "metrics.jsonl").read_text().splitlines()]
+    step = first(read_stamps(stamps), "backward")
+    print(f"  scale {name} in-process: steady {median(rounds[1:]):.2f} s/round, "
+          f"peak PSS {fmt_mb(memory.peak_pss)}", flush=True)
+    return {"first_step": step - started if step else None, "rounds": rounds,
+            "steady_round": median(rounds[1:]), "peak_pss": memory.peak_pss,
+            "peak_rss": memory.peak_rss}
+
+
 def _spy_simulation_process(out: Path, seconds: int = 2):
     """A `simulate` watcher: py-spy the flwr-simulation process (CPU samples, non-blocking)
     for `seconds` from the start of round 2."""
@@ -103,7 +144,7 @@ def run(work: Path, sizes: tuple[int, ...] = (1000, 10_000), rounds: int = 4) ->
     cache = Path(os.environ.get("FL_APP_CACHE", "~/.cache/fl_app")).expanduser() / "bench-scale"
     env = {"FL_APP_CACHE": str(cache)}
     root = write_tiled_mnist(cache / "mnist-tiled")
-    results, pooled = {}, {}
+    results, pooled, in_process = {}, {}, {}
     for n in sizes:
         ov = overrides(root, n, rounds)
         code = f"import sys; sys.argv = ['x', {str(n)!r}, *{ov!r}]\n" + PREPARE
@@ -116,8 +157,10 @@ def run(work: Path, sizes: tuple[int, ...] = (1000, 10_000), rounds: int = 4) ->
                       **_simulation(work, str(n), ov, n, env)}
         pooled[n] = _simulation(work, f"{n}-pool", [*ov, f"num_clients={n}",
                                                     f"client_pool={POOL}"], POOL, env)
+        in_process[n] = _in_process(work, str(n), [*ov, f"num_clients={n}"], env)
     part.data = {**{str(k): v for k, v in results.items()},
-                 **{f"{k} (client_pool={POOL})": v for k, v in pooled.items()}}
+                 **{f"{k} (client_pool={POOL})": v for k, v in pooled.items()},
+                 **{f"{k} (fl-app engine=inprocess)": v for k, v in in_process.items()}}
     for n, r in results.items():
         part.rows.append(Row(f"Scale, {n:,} clients (10 sampled a round, 2NN): first training "
                              "step after `flwr run` starts",
@@ -154,7 +197,15 @@ def run(work: Path, sizes: tuple[int, ...] = (1000, 10_000), rounds: int = 4) ->
                              "PSS", f"{fmt_s(first)} / {fmt_s(r['steady_round'])} / "
                              f"{fmt_mb(r['peak_pss'])}" + verdict(ok),
                              "< 4 GB at 10,000" if n >= 10_000 else "", ok=ok))
-    for label, runs in (("", results), (f", client_pool={POOL}", pooled)):
+    for n, r in in_process.items():
+        ok = r["peak_pss"] < TARGET_MEMORY if n >= 10_000 else None
+        part.rows.append(Row(f"Scale, {n:,} clients, `fl-app engine=inprocess`: first training "
+                             "step / steady round / peak PSS",
+                             f"{fmt_s(r['first_step'] or float('nan'))} / "
+                             f"{fmt_s(r['steady_round'])} / {fmt_mb(r['peak_pss'])}" + verdict(ok),
+                             "< 4 GB at 10,000" if n >= 10_000 else "", ok=ok))
+    for label, runs in (("", results), (f", client_pool={POOL}", pooled),
+                        (", fl-app engine=inprocess", in_process)):
         if len(runs) >= 2:
             lo, hi = min(runs), max(runs)
             ratio = runs[hi]["steady_round"] / runs[lo]["steady_round"]
