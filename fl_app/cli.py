@@ -19,7 +19,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fl_app.config import CONF_DIR, ConfigError, check, compose, num_supernodes
+from fl_app.config import (
+    CONF_DIR,
+    ConfigError,
+    check,
+    compose,
+    num_supernodes,
+    overrides_from_run_config,
+)
 from fl_app.runner import PROJECT_ROOT, flwr_env, flwr_run, toml_run_config
 
 DEFAULT_SUPERNODES = 10
@@ -51,7 +58,9 @@ def _simulate(cfg: DictConfig) -> float:
         overrides.append(f"output_dir='{out}'")  # quoted: sweep folder names hold '=' and ','
         run_config = {"overrides": shlex.join(overrides)}
         supernodes = num_supernodes(cfg)
-    if cfg.engine == "inprocess":
+    # A resumed run goes on with the engine it was started with, unless the command names one.
+    engine = compose(overrides_from_run_config(run_config)).engine if cfg.resume else cfg.engine
+    if engine == "inprocess":
         summary = _run_in_process(run_config, supernodes, out)
         print(f"fl-app: in-process run completed: test accuracy {summary['test_accuracy']:.4f} "
               f"after {summary['rounds']} rounds; outputs in {out}", flush=True)
@@ -83,7 +92,7 @@ def _run_in_process(run_config: dict, supernodes: int | None, out: Path) -> dict
     # Flower's logger prints the run as under `flwr run`; passed on to Hydra's handlers as
     # well, every line would show twice.
     logging.getLogger("flwr").propagate = False
-    overrides = shlex.split(run_config["overrides"])
+    overrides = overrides_from_run_config(run_config)
     # As many clients as fl-app would start SuperNodes when the config leaves it to them.
     clients = None if compose(overrides).num_clients else supernodes or DEFAULT_SUPERNODES
     try:

@@ -45,9 +45,13 @@ def test_fl_app_inprocess_learns_writes_outputs_and_resumes(tmp_path):
     log = proc.stdout + proc.stderr
     assert log.count("[round 3/3]") == 1  # Flower's log lines once, not also via Hydra
 
-    proc = _fl_app(f"resume='{out}'", "num_rounds=4", f"hydra.run.dir={tmp_path / 'resume'}")
+    # Resumed without naming the engine: it goes on in-process, as it was started.
+    proc = subprocess.run([FL_APP, f"resume='{out}'", "num_rounds=4",
+                           f"hydra.run.dir={tmp_path / 'resume'}"], capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming after round 3" in proc.stdout + proc.stderr
+    assert "fl-app: in-process run completed" in proc.stdout
     assert [r["round"] for r in _rows(out)] == [1, 2, 3, 4]
 
 
