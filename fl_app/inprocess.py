@@ -5,7 +5,7 @@
 `client_app.app` (the same handlers, Contexts and caches a SuperNode uses), a ClientApp that
 raises becomes an error reply as in Flower's simulation, and the server side is
 `server_loop.run` unchanged, so a result here is a result of the app; only the transport is
-left out. Clients train one after another, each with all of the process's torch threads. Use
+left out. Clients train one after another, with the threads the ClientApp picks for them. Use
 `flwr run` for anything that needs Flower's isolation, parallel actors, a Ray cluster or a
 network.
 """
