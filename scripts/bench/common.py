@@ -327,6 +327,31 @@ def simulate(work: Path, overrides: list[str], num_supernodes: int,
     return result
 
 
+def fl_app_inprocess(out: Path, overrides: list[str], env: dict[str, str] | None = None) -> dict:
+    """`fl-app engine=inprocess` as a user types it, outputs in `out`: its rounds' seconds (from
+    metrics.jsonl), final accuracy, first training step and exit, both counted from when the
+    command started (stamps), and the peak memory of its process tree."""
+    stamps = out.with_suffix(".stamps.jsonl")
+    stamps.unlink(missing_ok=True)
+    cmd = [str(Path(sys.executable).parent / "fl-app"), "engine=inprocess", *overrides,
+           f"hydra.run.dir={out}"]
+    started = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {}), **stamp_env(stamps)})
+    with TreeMemory(lambda: [proc.pid]) as memory:
+        log, _ = proc.communicate(timeout=1800)
+    finished = time.time()
+    if proc.returncode != 0:
+        raise RuntimeError(f"fl-app engine=inprocess {' '.join(overrides)} failed:\n"
+                           f"{log[-3000:]}")
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    step = first(read_stamps(stamps), "backward")
+    return {"round_seconds": [r["seconds"] for r in rows],
+            "accuracy": rows[-1]["test_accuracy"], "command_seconds": finished - started,
+            "first_step_after": step - started if step else None,
+            "peak_pss": memory.peak_pss, "peak_rss": memory.peak_rss}
+
+
 def python_child(code: str, env: dict[str, str] | None = None, timeout: float = 300) -> dict:
     """Run `code` in a fresh interpreter of this venv; it prints one JSON object last."""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

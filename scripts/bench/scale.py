@@ -15,12 +15,8 @@ are computed once beforehand (timed and reported) into a cache of the benchmark'
 
 from __future__ import annotations
 
-import json
 import os
 import struct
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +24,13 @@ import numpy as np
 from bench.common import (
     Part,
     Row,
-    TreeMemory,
-    first,
+    fl_app_inprocess,
     fmt_mb,
     fmt_s,
     median,
     python_child,
     read_stamps,
     simulate,
-    stamp_env,
     verdict,
 )
 from bench.profile import spy, summarise
@@ -103,24 +97,12 @@ def _simulation(work: Path, name: str, ov: list[str], supernodes: int, env: dict
 def _in_process(work: Path, name: str, ov: list[str], env: dict) -> dict:
     """`fl-app engine=inprocess` with the same overrides: first training step after the
     command starts, steady round, peak memory of its process tree."""
-    out, stamps = work / f"inprocess-{name}", work / f"inprocess-{name}.jsonl"
-    stamps.unlink(missing_ok=True)
-    cmd = [str(Path(sys.executable).parent / "fl-app"), "engine=inprocess", *ov,
-           f"hydra.run.dir={out}"]
-    started = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **env, **stamp_env(stamps)})
-    with TreeMemory(lambda: [proc.pid]) as memory:
-        log, _ = proc.communicate(timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"fl-app engine=inprocess {name} failed:\n{log[-3000:]}")
-    rounds = [json.loads(r)["seconds"] for r in (out / "metrics.jsonl").read_text().splitlines()]
-    step = first(read_stamps(stamps), "backward")
-    print(f"  scale {name} in-process: steady {median(rounds[1:]):.2f} s/round, "
-          f"peak PSS {fmt_mb(memory.peak_pss)}", flush=True)
-    return {"first_step": step - started if step else None, "rounds": rounds,
-            "steady_round": median(rounds[1:]), "peak_pss": memory.peak_pss,
-            "peak_rss": memory.peak_rss}
+    r = fl_app_inprocess(work / f"inprocess-{name}", ov, env)
+    steady = median(r["round_seconds"][1:])
+    print(f"  scale {name} in-process: steady {steady:.2f} s/round, "
+          f"peak PSS {fmt_mb(r['peak_pss'])}", flush=True)
+    return {"first_step": r["first_step_after"], "rounds": r["round_seconds"],
+            "steady_round": steady, "peak_pss": r["peak_pss"], "peak_rss": r["peak_rss"]}
 
 
 def _spy_simulation_process(out: Path, seconds: int = 2):

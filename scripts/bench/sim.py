@@ -17,11 +17,6 @@ Steady state is the median of the rounds after the first. Start-up is read from 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from bench.common import (
@@ -34,12 +29,12 @@ from bench.common import (
     median,
     process_starts,
     python_child,
-    read_stamps,
     simulate,
     spans,
     stamp_env,
     verdict,
 )
+from bench.common import fl_app_inprocess as run_fl_app_inprocess
 from fl_app.deploy.federation import free_port
 
 NUM_CLIENTS = 20
@@ -106,23 +101,9 @@ print(json.dumps({"round_seconds": [r["seconds"] for r in rows],
 
 
 def fl_app_inprocess(model: str, rounds: int, work: Path) -> dict:
-    """`fl-app engine=inprocess` as a user types it: steady rounds from its metrics.jsonl, the
-    first training step from the stamps, both counted from when the command is started."""
-    out, stamps = work / f"fl-app-inprocess-{model}", work / f"fl-app-inprocess-{model}.jsonl"
-    stamps.unlink(missing_ok=True)
-    cmd = [str(Path(sys.executable).parent / "fl-app"), "engine=inprocess", f"model={model}",
-           f"num_clients={NUM_CLIENTS}", f"num_rounds={rounds}", f"hydra.run.dir={out}"]
-    started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, **stamp_env(stamps)})
-    finished = time.time()
-    if proc.returncode != 0:
-        raise RuntimeError(f"fl-app engine=inprocess {model} failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
-    step = first(read_stamps(stamps), "backward")
-    return {"round_seconds": [r["seconds"] for r in rows],
-            "accuracy": rows[-1]["test_accuracy"], "command_seconds": finished - started,
-            "first_step_after": step - started if step else None}
+    return run_fl_app_inprocess(work / f"fl-app-inprocess-{model}",
+                                [f"model={model}", f"num_clients={NUM_CLIENTS}",
+                                 f"num_rounds={rounds}"])
 
 
 def _child(code: str, *args: str, stamps: Path | None = None) -> dict:
