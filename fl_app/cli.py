@@ -58,9 +58,9 @@ def _simulate(cfg: DictConfig) -> float:
         overrides.append(f"output_dir='{out}'")  # quoted: sweep folder names hold '=' and ','
         run_config = {"overrides": shlex.join(overrides)}
         supernodes = num_supernodes(cfg)
-    # A resumed run goes on with the engine it was started with, unless the command names one.
-    engine = compose(overrides_from_run_config(run_config)).engine if cfg.resume else cfg.engine
-    if engine == "inprocess":
+    # The engine is the run config's: a resumed run goes on with the one it was started with,
+    # unless the command names another (its overrides come last).
+    if compose(overrides_from_run_config(run_config)).engine == "inprocess":
         summary = _run_in_process(run_config, supernodes, out)
         print(f"fl-app: in-process run completed: test accuracy {summary['test_accuracy']:.4f} "
               f"after {summary['rounds']} rounds; outputs in {out}", flush=True)

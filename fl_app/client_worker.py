@@ -25,20 +25,10 @@ from flwr.common.serde import context_from_proto, recorddict_from_proto, recordd
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from fl_app.processes import share_cores
+from fl_app.processes import alive, share_cores
 from fl_app.worker_link import recv_frame, send_frame
 
 IDLE_SECONDS = float(os.environ.get("FL_APP_WORKER_IDLE", "600"))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove_files(path: Path) -> None:
@@ -50,7 +40,7 @@ def _remove_files(path: Path) -> None:
 
 def _watch_owner(owner_pid: int, path: Path) -> None:
     """End this process soon after its owner (the SuperNode's side) is gone."""
-    while _alive(owner_pid):
+    while alive(owner_pid):  # a zombie owner counts as gone
         time.sleep(0.5)
     _remove_files(path)
     os._exit(0)

@@ -30,14 +30,8 @@ def descendants(pid: int) -> list[int]:
 
 
 def pids_with_cmdline(text: str) -> list[int]:
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                pids.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return [p for p in pids if p != os.getpid()]
+    return [pid for pid, args in _command_lines()
+            if text in " ".join(args) and pid != os.getpid()]
 
 
 def _command_lines() -> list[tuple[int, list[str]]]:
