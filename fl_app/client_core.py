@@ -30,8 +30,9 @@ from fl_app.records import CLIENT_ID, array_view, to_array_record
 class TorchClient(NumPyClient):
     """Trains a torch model on one client's data; numpy in, numpy out.
 
-    `fit` runs E local epochs and returns the new weights, or, when the server's config says
-    mode="gradient" (FedSGD), returns the gradient of the local loss at the received weights.
+    `fit` runs E local epochs and returns the new weights, or with mode="delta" (DP-FedAvg)
+    their difference from the received weights. With mode="gradient" (FedSGD) it returns the
+    gradient of the local loss at the received weights instead.
     A "proximal-mu" in the config (Flower's FedProx) adds mu/2·||w − w_received||² to the
     local loss.
     `privacy` (fl_app.privacy): DP-SGD replaces the local SGD; local DP clips and noises the
@@ -76,8 +77,12 @@ class TorchClient(NumPyClient):
         else:
             loss = training.train(self.model, x, y, self.local_epochs, self.batch_size, self.lr,
                                   seed, proximal_mu=mu)
-        weights = self._private(self.get_parameters({}), received=parameters)
-        return weights, len(y), self._metrics(loss)
+        weights = self.get_parameters({})
+        if config.get("mode", "weights") == "delta":  # DP-FedAvg: the server clips the delta
+            delta = [np.subtract(w, r, dtype=w.dtype) for w, r in zip(weights, parameters,
+                                                                      strict=True)]
+            return self._private(delta), len(y), self._metrics(loss)
+        return self._private(weights, received=parameters), len(y), self._metrics(loss)
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         self._load(parameters)

@@ -7,6 +7,7 @@ deployment, imports nothing it does not use.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -53,7 +54,9 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}
+# .npy header bytes -> (dtype, shape, element count, data offset), or None where the array
+# cannot be viewed (Fortran order, object dtype).
+_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int, int] | None] = {}
 
 
 def array_view(array: Array) -> np.ndarray:
@@ -61,7 +64,8 @@ def array_view(array: Array) -> np.ndarray:
 
     `Array.numpy()` goes through `np.load`, which copies: for the server, reading 1,000 CNN
     replies that way costs more than averaging them. The .npy header is parsed once per
-    distinct header (one per array name and shape).
+    distinct header (one per array name and shape): a server reads every array of every
+    reply, so the per-array cost is kept to a dictionary lookup (~2 us).
     """
     data = array.data
     if array.stype != "numpy.ndarray" or data[:6] != b"\x93NUMPY":
@@ -70,16 +74,23 @@ def array_view(array: Array) -> np.ndarray:
     start = 8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")
     key = bytes(data[:start])
     if key not in _HEADERS:
-        header = io.BytesIO(key)
-        version = np.lib.format.read_magic(header)
-        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                else np.lib.format.read_array_header_2_0)
-        _HEADERS[key] = read(header)
-    shape, fortran_order, dtype = _HEADERS[key]
-    if fortran_order or dtype.hasobject:
+        _HEADERS[key] = _parse_header(key)
+    layout = _HEADERS[key]
+    if layout is None:
         return array.numpy()
-    count = int(np.prod(shape, dtype=np.int64))
-    return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape)
+    dtype, shape, count, offset = layout
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def _parse_header(key: bytes) -> tuple[np.dtype, tuple[int, ...], int, int] | None:
+    header = io.BytesIO(key)
+    version = np.lib.format.read_magic(header)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape, fortran_order, dtype = read(header)
+    if fortran_order or dtype.hasobject:
+        return None
+    return dtype, shape, math.prod(shape), len(key)
 
 
 def array_views(record: ArrayRecord) -> dict[str, np.ndarray]:

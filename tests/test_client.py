@@ -51,6 +51,19 @@ def test_gradient_mode_uses_the_batch_size_the_server_sends():
     assert n == 16
 
 
+def test_delta_mode_returns_the_trained_weights_minus_the_received_ones():
+    """DP-FedAvg's clients send W_i - W: exactly what the server would form from W_i."""
+    a, b = _client(), _client()
+    received = a.get_parameters({})
+    weights, n, metrics = a.fit(received, {"server-round": 2})
+    deltas, n_delta, metrics_delta = b.fit(received, {"mode": "delta", "server-round": 2})
+    assert (n, metrics) == (n_delta, metrics_delta)
+    for w, d, r in zip(weights, deltas, received, strict=True):
+        assert d.dtype == w.dtype and d.shape == w.shape
+        np.testing.assert_array_equal(d, w - r)
+    assert max(float(np.abs(d).max()) for d in deltas) > 0
+
+
 def test_fit_is_reproducible_for_the_same_seed_and_round():
     a, b = _client(), _client()
     wa, _, _ = a.fit(a.get_parameters({}), {"server-round": 3})

@@ -53,7 +53,7 @@ def test_clipping_bounds_every_update_norm_and_leaves_small_updates_alone() -> N
         norm = np.sqrt(sum(np.vdot(v, v) for v in update.values()))
         update = {k: v * scale / norm for k, v in update.items()}  # norm = scale
         configure(strategy, model)
-        reply = train_reply(1, {k: model[k] + update[k] for k in model}, 10)
+        reply = train_reply(1, update, 10)  # DP-FedAvg clients send their delta
         arrays, metrics = strategy.aggregate_train(1, [reply])
         moved = {k: v - model[k] for k, v in unpack(arrays).items()}
 
@@ -71,7 +71,7 @@ def test_noise_on_the_released_mean_has_std_sigma_c_over_m() -> None:
                        num_clients=num_clients, noise_seed=7)
     model = {"big": np.zeros((400, 500)), "small": np.zeros(10)}
     configure(strategy, model)
-    # two clients reply with an unchanged model: zero updates, so the release is pure noise
+    # two clients reply with zero deltas (an unchanged model), so the release is pure noise
     replies = [train_reply(n, model, 10) for n in (1, 2)]
     released = unpack(strategy.aggregate_train(1, replies)[0])
 
@@ -84,10 +84,10 @@ def test_noise_on_the_released_mean_has_std_sigma_c_over_m() -> None:
 def test_dp_fedavg_with_tiny_noise_equals_current_plus_clipped_deltas_over_m() -> None:
     strategy = dp_strategy(WeightedFedAvg(fraction_train=0.5), num_nodes=4, clip_norm=1.0)
     configure(strategy, {"w": np.array([1.0, 1.0])})
-    replies = [
-        train_reply(1, {"w": np.array([4.0, 5.0])}, 100),  # delta [3, 4], norm 5 -> [0.6, 0.8]
-        train_reply(2, {"w": np.array([1.3, 1.0])}, 1),    # delta [0.3, 0], norm 0.3: kept
-        train_reply(3, {"w": np.array([np.nan, 1.0])}, 5),  # dropped
+    replies = [  # DP-FedAvg clients send their deltas
+        train_reply(1, {"w": np.array([3.0, 4.0])}, 100),  # norm 5 -> [0.6, 0.8]
+        train_reply(2, {"w": np.array([0.3, 0.0])}, 1),    # norm 0.3: kept
+        train_reply(3, {"w": np.array([np.nan, 0.0])}, 5),  # dropped
         error_reply(4, "crashed"),                          # dropped
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -96,6 +96,40 @@ def test_dp_fedavg_with_tiny_noise_equals_current_plus_clipped_deltas_over_m() -
     np.testing.assert_allclose(unpack(arrays)["w"], [1.45, 1.4], atol=1e-9)
     assert metrics["num-clipped"] == 1
     assert (metrics["num-clients"], metrics["num-dropped"]) == (2, 2)
+
+
+def test_dp_fedavg_asks_clients_for_deltas_and_plain_fedavg_for_weights() -> None:
+    model = {"w": np.ones(2)}
+    dp = dp_strategy(WeightedFedAvg(fraction_train=1.0), num_nodes=2)
+    assert {m.content["config"]["mode"] for m in configure(dp, model)} == {"delta"}
+    plain = WeightedFedAvg(fraction_train=1.0)
+    sent = plain.configure_train(1, record(model), ConfigRecord(), FakeGrid([1, 2]))
+    assert {m.content["config"]["mode"] for m in sent} == {"weights"}
+
+
+def test_dp_fedavg_releases_the_same_model_from_deltas_as_from_weights() -> None:
+    """A strategy checkpointed before clients sent deltas still asks for weights and forms the
+    deltas itself. Both protocols must release the same model, bit for bit in float32."""
+    rng = np.random.default_rng(3)
+    model = {"a": rng.normal(size=(300, 20)).astype(np.float32),
+             "b": rng.normal(size=7).astype(np.float32)}
+    trained = [{k: (v + rng.normal(scale=s, size=v.shape)).astype(np.float32)
+                for k, v in model.items()} for s in (1e-3, 0.5, 2.0)]
+    released = {}
+    for mode in ("weights", "delta"):
+        strategy = DPNoise(WeightedFedAvg(fraction_train=1.0), clip_norm=1.0,
+                           noise_multiplier=0.5, num_clients=3, noise_seed=11)
+        strategy.inner.mode = mode
+        assert {m.content["config"]["mode"] for m in configure(strategy, model)} == {mode}
+        replies = [train_reply(i + 1, t if mode == "weights" else
+                               {k: t[k] - model[k] for k in t}, 10)
+                   for i, t in enumerate(trained)]
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        released[mode] = unpack(arrays)
+        assert metrics["num-clipped"] == 2
+    for key in model:
+        np.testing.assert_array_equal(released["weights"][key], released["delta"][key])
+        assert not np.array_equal(released["delta"][key], model[key])
 
 
 def test_dp_fedsgd_clips_the_gradient_not_reply_minus_current() -> None:
@@ -251,9 +285,8 @@ def test_flowers_round_loop_stops_with_budget_exhausted_after_the_allowed_rounds
     allowed = rounds_within_budget(sigma, q, delta, budget, max_rounds=100)
 
     def client(node_id: int, message) -> RecordDict:
-        assert message.content["config"]["mode"] == "weights"
-        w = unpack(message.content["arrays"])["w"]
-        return RecordDict({"arrays": record({"w": w + 0.1}),
+        assert message.content["config"]["mode"] == "delta"
+        return RecordDict({"arrays": record({"w": np.full(3, 0.1)}),
                            "metrics": MetricRecord({"num-examples": 3})})
 
     strategy = DPNoise(WeightedFedAvg(fraction_train=q), clip_norm=1.0, noise_multiplier=sigma,

@@ -74,6 +74,15 @@ def test_local_dp_reply_is_received_plus_noisy_clipped_delta_and_carries_no_loss
                             "local_clip_norm"}
 
 
+def test_local_dp_in_delta_mode_sends_the_noisy_clipped_delta_itself() -> None:
+    client = local_client(noise_multiplier=1.0, clip_norm=1e-6)  # the delta is clipped away
+    sent, _, metrics = client.fit(client.get_parameters({}), {"mode": "delta", "server-round": 1})
+    flat = np.concatenate([d.ravel() for d in sent])
+    assert flat.std() == pytest.approx(1e-6, rel=0.03)  # noise only: not the received weights
+    assert abs(flat.mean()) < 5 * 1e-6 / np.sqrt(flat.size)
+    assert metrics["local_epsilon"] > 0
+
+
 def test_local_dp_noises_the_gradient_in_fedsgd_mode() -> None:
     client = local_client(noise_multiplier=1.0, clip_norm=1e-6)  # the gradient is clipped away
     sent, _, metrics = client.fit(client.get_parameters({}),

@@ -238,6 +238,10 @@ def _bad_reply(kind: str):
         del arrays["b"]
     elif kind == "extra-array":
         arrays["c"] = np.zeros(2)
+    elif kind == "complex":
+        arrays["w"] = np.array([1.0 + 2j, 2.0])
+    elif kind == "bool":
+        arrays["w"] = np.array([True, False])
     elif kind == "zero-examples":
         num_examples = 0
     elif kind == "negative-examples":
@@ -246,7 +250,8 @@ def _bad_reply(kind: str):
 
 
 BAD_KINDS = ["error", "missing-metrics", "missing-arrays", "nan", "inf", "wrong-shape",
-             "missing-array", "extra-array", "zero-examples", "negative-examples"]
+             "missing-array", "extra-array", "complex", "bool", "zero-examples",
+             "negative-examples"]
 
 
 # A list (what Flower's grids return) is summed first and checked in the sum; an iterator is
@@ -275,8 +280,10 @@ def test_bad_reply_is_dropped_and_logged_and_good_replies_still_averaged(
 def test_reason_for_dropping_says_what_was_wrong() -> None:
     strategy = WeightedFedAvg()
     start_round(strategy, {"w": np.zeros(2), "b": np.zeros((1, 1))})
-    strategy.aggregate_train(1, [_bad_reply(k) for k in ("error", "wrong-shape", "nan")])
+    strategy.aggregate_train(1, [_bad_reply(k) for k in ("error", "wrong-shape", "nan",
+                                                          "complex")])
     reasons = " | ".join(strategy.last_dropped)
+    assert "non-numeric dtype complex128" in reasons
     assert "CUDA out of memory" in reasons
     assert "(3,)" in reasons and "(2,)" in reasons
     assert "NaN" in reasons

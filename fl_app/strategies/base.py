@@ -39,6 +39,9 @@ from fl_app.records import CLIENT_ID, array_views, from_array_record, to_array_r
 from fl_app.strategies.averaging import all_finite, axpy, weighted_sum
 
 NUM_EXAMPLES = "num-examples"
+# The dtype kinds a reply's arrays may have: signed and unsigned integers, floats (real numbers:
+# no bool, complex, datetime or object).
+_REAL_KINDS = frozenset("iuf")
 
 # Client-side privacy: each client reports its own epsilon, which only grows. A mean over the
 # round's clients hides the worst one, so the largest value seen so far is recorded as <key>_max.
@@ -157,7 +160,7 @@ def check_reply(msg: Message, reference: dict[str, np.ndarray], check_values: bo
             )
     arrays = array_views(record)  # read-only views: replies are never copied
     for key, array in arrays.items():
-        if not (np.issubdtype(array.dtype, np.number) and np.isrealobj(array)):
+        if array.dtype.kind not in _REAL_KINDS:
             raise BadReply(f"'{key}' has non-numeric dtype {array.dtype}")
     if check_values:
         bad = non_finite_array(arrays)
@@ -237,6 +240,10 @@ class SampledStrategy(FedAvg):
         wrapper clips): the global model when clients send weights, None when they send the
         update itself."""
         raise NotImplementedError
+
+    def reply_with_updates(self) -> None:
+        """Have clients send their update itself (what `update_offset` would otherwise be
+        subtracted from); a no-op where they already do."""
 
     def apply_update(self, mean_update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Turn an averaged update into the new global model, store it and return it.

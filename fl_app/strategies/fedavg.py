@@ -9,17 +9,25 @@ from fl_app.strategies.base import SampledStrategy
 class WeightedFedAvg(SampledStrategy):
     """Federated Averaging: W <- sum_i n_i W_i / sum_i n_i over the usable replies.
 
-    Clients train locally and reply with their new weights (`mode = "weights"`). The mean is
-    taken directly over the replied weights (no per-client delta is materialised); the update a
-    DP wrapper clips is the client's delta `W_i - W`.
+    By default clients reply with their new weights (`mode = "weights"`) and the mean is taken
+    directly over them. `reply_with_updates()` makes them reply with W_i - W instead
+    (`mode = "delta"`; the same model follows, W + the mean delta). DP-FedAvg asks for deltas:
+    the delta is what it clips, and a client forms its own in one pass over a model it already
+    holds, where the server would form every client's, one after another, in a round's
+    critical path.
     """
 
     mode = "weights"
     weighted = True
 
-    def update_offset(self) -> dict[str, np.ndarray]:
-        """The global model: a client's update is its delta W_i - W (what DP-FedAvg clips)."""
-        return self._require_current()
+    def reply_with_updates(self) -> None:
+        """From the next round on, clients send their delta W_i - W rather than W_i."""
+        self.mode = "delta"
+
+    def update_offset(self) -> dict[str, np.ndarray] | None:
+        """What a reply is measured from: the global model when clients send weights (the
+        update is W_i - W), nothing when they send the delta itself."""
+        return self._require_current() if self.mode == "weights" else None
 
     def apply_update(self, mean_update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """W + mean delta, in the mean's own arrays."""
@@ -28,5 +36,7 @@ class WeightedFedAvg(SampledStrategy):
         return self.commit(mean_update)
 
     def global_from_mean_reply(self, mean_reply: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The mean of the replied weights already is the new model."""
+        """The mean of the replied weights already is the new model; a mean delta is added."""
+        if self.mode == "delta":
+            return self.apply_update(mean_reply)
         return self.commit(mean_reply)

@@ -5,6 +5,7 @@ from logging import INFO
 import numpy as np
 from flwr.common.logger import log
 
+from fl_app.strategies.averaging import axpy
 from fl_app.strategies.base import SampledStrategy
 
 _VELOCITY = "velocity."
@@ -72,13 +73,11 @@ class GradientAveraging(SampledStrategy):
                 velocity *= self.server_momentum
                 velocity += mean_update[key]
             step = self.velocity
-        new = {}
+        # In place, one pass per array: `current` is this strategy's own copy (set_current),
+        # and what was sent out was packed from it.
         for key, weights in current.items():
-            out = mean_update[key]  # already folded into the step: reuse its memory
-            np.multiply(step[key], -self.server_lr, out=out)
-            out += weights
-            new[key] = out
-        return self.commit(new)
+            axpy(weights, -self.server_lr, step[key])
+        return self.commit(current)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The momentum velocity, as flat `velocity.<array name>` entries."""
