@@ -227,6 +227,28 @@ def _listening(address: str) -> bool:
     return True
 
 
+def _refusal(interrupt: KeyboardInterrupt, args: argparse.Namespace) -> str | None:
+    """The error to exit with when the SuperNode refused this executor, else None.
+
+    Flower's HTTP retry answers a 401 by sending its own process SIGINT, so a refusal arrives
+    as a KeyboardInterrupt raised while handling the 401; without this check a refused
+    executor would exit 0 as if stopped on purpose.
+    """
+    cause = interrupt.__context__
+    if not (isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 401):
+        return None
+    if not cause.request.url.path.endswith("/acquire-task"):
+        return (f"fl-app-executor: the SuperNode at {args.runtime_api_address} refused a task's "
+                f"token ({cause.request.url.path}: 401 Unauthorized); the task may have "
+                "expired. Start the executor again.")
+    given = args.superexec_auth_secret_file
+    fix = (f"the secret in {given} is not the one the SuperNode was given" if given else
+           "the SuperNode was started with --superexec-auth-secret-file; give the executor the "
+           "same file")
+    return (f"fl-app-executor: the SuperNode at {args.runtime_api_address} refused this "
+            f"executor (SuperExec authentication failed): {fix}.")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.parent_pid is not None:
@@ -242,8 +264,10 @@ def main(argv: list[str] | None = None) -> None:
         os.getpid(), args.runtime_api_address)
     try:
         executor.serve(args.token)
-    except KeyboardInterrupt:  # Ctrl-C, or the parent process ended
-        pass
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, the parent process ended, or a refusal
+        refusal = _refusal(interrupt, args)
+        if refusal:
+            sys.exit(refusal)
     except httpx.HTTPError as err:
         sys.exit(f"fl-app-executor: the SuperNode's Runtime API at {args.runtime_api_address} "
                  f"stopped answering ({err}). Is the SuperNode running with --isolation "

@@ -1,12 +1,13 @@
 """fl-app-executor: SuperNodes in `--isolation process` whose ClientApp tasks run in one
 persistent process each, over a real SuperLink (TLS, SuperNode authentication), with TLS
-between each executor and its SuperNode's Runtime API."""
+between each executor and its SuperNode's Runtime API and a shared SuperExec secret."""
 
 from __future__ import annotations
 
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -15,7 +16,7 @@ import pytest
 from fl_app import executor as executor_module
 from fl_app.deploy.federation import CONNECTION, LocalFederation
 from fl_app.executor import Executor, parse_args
-from fl_app.processes import alive
+from fl_app.processes import alive, stop
 from fl_app.runner import PROJECT_ROOT, flwr_run, staged_app, toml_run_config
 
 
@@ -117,3 +118,34 @@ def test_a_new_app_version_is_loaded_from_its_fab_in_the_same_process(federation
     assert sorted(int(pid) for pid in marker.read_text().split()) == sorted(before)
     for i in (0, 1):
         assert "restarting to load it" in (federation.logs / f"executor-{i}.log").read_text()
+
+
+def test_a_plain_interrupt_is_no_refusal() -> None:
+    """Ctrl-C or the parent process ending: the executor exits quietly (status 0)."""
+    args = parse_args(["--insecure"])
+    assert executor_module._refusal(KeyboardInterrupt(), args) is None
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("secret", [None, b"not the SuperNode's secret"], ids=["none", "wrong"])
+def test_an_executor_without_the_supernodes_secret_is_refused_with_one_clear_error(
+        federation, tmp_path, secret) -> None:
+    """The SuperNodes run with --superexec-auth-secret-file (their executors, which trained the
+    model above, hold it): another local process cannot take their tasks."""
+    supernode = federation.procs["supernode-0"].args
+    assert "--superexec-auth-secret-file" in supernode
+    cmd = ["fl-app-executor", "--root-certificates", str(federation.creds / "ca.crt"),
+           "--runtime-api-address", f"127.0.0.1:{supernode[supernode.index('--port') + 1]}"]
+    if secret is not None:
+        (tmp_path / "secret").write_bytes(secret)
+        cmd += ["--superexec-auth-secret-file", str(tmp_path / "secret")]
+    proc = subprocess.Popen(cmd, env=federation.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        stop([proc.pid])
+    assert proc.returncode == 1, out
+    assert "refused this executor (SuperExec authentication failed)" in out
+    assert ("is not the one the SuperNode was given" in out) == (secret is not None)
+    assert "Traceback" not in out

@@ -8,6 +8,7 @@ stopped by PID.
 
 from __future__ import annotations
 
+import secrets
 import socket
 import subprocess
 import time
@@ -39,6 +40,7 @@ class LocalFederation:
         self.workdir = Path(workdir).resolve()
         self.num_supernodes, self.tls, self.auth = num_supernodes, tls, auth
         self.creds, self.logs = self.workdir / "credentials", self.workdir / "logs"
+        self.superexec_secret = self.creds / "superexec.secret"
         for folder in (self.creds, self.logs):
             folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -47,7 +49,8 @@ class LocalFederation:
         self.env = flwr_env({"FLWR_HOME": str(self.workdir / "flwr-home"), **(env or {})})
         self.data_dirs = data_dirs or {}  # SuperNodes that hold their own data folder
         # executor: SuperNodes in --isolation process, each served by an fl-app-executor (over
-        # TLS to the SuperNode's Runtime API when tls).
+        # TLS to the SuperNode's Runtime API when tls). The two share a secret (Flower's
+        # SuperExec authentication), so no other local process can take the node's tasks.
         # database: the SuperLink keeps its state in SQLite (it survives a restart) instead of
         # in memory (Flower's default); every array of every message then goes through it.
         self.executor, self.database = executor, database
@@ -60,6 +63,9 @@ class LocalFederation:
             make_tls(self.creds, ["127.0.0.1", "localhost"])
         if self.auth and not (self.creds / "supernode-0.key").exists():
             make_supernode_keys(self.creds, self.num_supernodes)
+        if self.executor and not self.superexec_secret.exists():
+            self.superexec_secret.touch(mode=0o600)
+            self.superexec_secret.write_bytes(secrets.token_bytes(32))
         home = Path(self.env["FLWR_HOME"])
         home.mkdir(parents=True, exist_ok=True)
         security = (f'root-certificates = "{self.creds / "ca.crt"}"' if self.tls
@@ -110,7 +116,8 @@ class LocalFederation:
         if key:
             cmd += ["--auth-supernode-private-key", str(key)]
         if self.executor:
-            cmd += ["--isolation", "process"]
+            cmd += ["--isolation", "process",
+                    "--superexec-auth-secret-file", str(self.superexec_secret)]
             if self.tls:  # the executor talks to the SuperNode's Runtime API over TLS too
                 cmd += ["--ssl-certfile", str(self.creds / "server.pem"),
                         "--ssl-keyfile", str(self.creds / "server.key"),
@@ -123,9 +130,10 @@ class LocalFederation:
             runtime_api = f"127.0.0.1:{proc.args[proc.args.index('--port') + 1]}"
             security = (["--root-certificates", str(self.creds / "ca.crt")] if self.tls
                         else ["--insecure"])
-            self._spawn(f"executor-{index}", ["fl-app-executor", *security,
-                                              "--runtime-api-address", runtime_api,
-                                              "--parent-pid", str(proc.pid)])
+            self._spawn(f"executor-{index}", [
+                "fl-app-executor", *security, "--runtime-api-address", runtime_api,
+                "--superexec-auth-secret-file", str(self.superexec_secret),
+                "--parent-pid", str(proc.pid)])
         return proc
 
     def restart_supernode(self, index: int, timeout: float = 120) -> subprocess.Popen:

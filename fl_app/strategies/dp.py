@@ -254,9 +254,10 @@ class DPNoise(Strategy):
         # no zero-filled buffer and no extra pass to add the noise afterwards.
         total = self._take_noise(server_round, clip)
         averager = MetricAverager(self.inner.client_epsilon_max)
-        # Each update is formed and its norm taken in one pass, chunk by chunk, into one
-        # model-sized scratch buffer that is reused for every reply; then s_i / m times it is
-        # added to the sum. Memory: the sum and the scratch, whatever the number of replies.
+        # Each update's norm is taken in one pass, chunk by chunk; then s_i / m times it is
+        # added to the sum while it is still in cache. Replies of weights (a strategy resumed
+        # from an older checkpoint) are first turned into updates in one reused scratch buffer.
+        # Memory: the sum (and the scratch), whatever the number of replies.
         scratch = {} if offset is None else {k: np.empty_like(v) for k, v in current.items()}
         m = self.expected_clients  # the fixed denominator of the noisy mean
         num_clipped = 0
