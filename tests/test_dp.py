@@ -132,6 +132,32 @@ def test_dp_fedavg_releases_the_same_model_from_deltas_as_from_weights() -> None
         assert not np.array_equal(released["delta"][key], model[key])
 
 
+@pytest.mark.parametrize("inner", [lambda: WeightedFedAvg(fraction_train=1.0),
+                                   lambda: GradientAveraging(fraction_train=1.0, server_lr=0.3)],
+                         ids=["fedavg", "fedsgd"])
+def test_starting_the_sum_from_the_model_releases_what_applying_the_mean_does(inner) -> None:
+    """The sum starts from W + a·noise/m (a: the inner step) and is itself the new model; the
+    same noise applied after the sum, as `apply_update` does, differs by rounding only."""
+    rng = np.random.default_rng(5)
+    model = {"a": rng.normal(size=(200, 30)).astype(np.float32),
+             "b": rng.normal(size=9).astype(np.float32)}
+    updates = [{k: rng.normal(scale=0.05, size=v.shape).astype(np.float32)
+                for k, v in model.items()} for _ in range(3)]
+    released = []
+    for fold in (True, False):
+        strategy = DPNoise(inner(), clip_norm=1.0, noise_multiplier=0.5, num_clients=3,
+                           noise_seed=3)
+        if not fold:
+            strategy.inner.update_step = lambda: None
+        configure(strategy, model)
+        arrays, _ = strategy.aggregate_train(
+            1, [train_reply(i + 1, u, 5) for i, u in enumerate(updates)])
+        released.append(unpack(arrays))
+    for key in model:
+        np.testing.assert_allclose(released[0][key], released[1][key], rtol=0, atol=2e-6)
+        assert np.abs(released[0][key] - model[key]).max() > 1e-2  # noise and updates moved it
+
+
 def test_dp_fedsgd_clips_the_gradient_not_reply_minus_current() -> None:
     inner = GradientAveraging(fraction_train=1.0, server_lr=0.1)
     strategy = dp_strategy(inner, num_nodes=2, clip_norm=1.0)

@@ -241,6 +241,11 @@ class SampledStrategy(FedAvg):
         update itself."""
         raise NotImplementedError
 
+    def update_step(self) -> float | None:
+        """a when `apply_update(u)` is W + a·u for every update u (a caller that builds u as a
+        sum can then start it from W and scale each term by a); None when it is not."""
+        return None
+
     def reply_with_updates(self) -> None:
         """Have clients send their update itself (what `update_offset` would otherwise be
         subtracted from); a no-op where they already do."""

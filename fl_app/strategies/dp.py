@@ -74,6 +74,9 @@ class DPNoise(Strategy):
         clients; default max(m / 20, sigma) with m = q * num_clients (Andrew et al.: m / 20).
     """
 
+    # Class-level too, so that a strategy checkpointed by an earlier version resumes.
+    _next_start = None
+
     def __init__(
         self,
         strategy: SampledStrategy,
@@ -145,8 +148,9 @@ class DPNoise(Strategy):
         self.rounds_done = 0
         self.epsilon = 0.0
         self._noise_rng = np.random.default_rng(noise_seed)
-        # The next release's noise, drawn while the clients train: (round, C, noise / m).
-        self._next_noise: tuple[int, float, dict[str, np.ndarray]] | None = None
+        # Where the next release's sum starts, made while the clients train (see _sum_start):
+        # (round, C, global model's id, step a, buffer).
+        self._next_start: tuple[int, float, int, float | None, dict[str, np.ndarray]] | None = None
         if clipping not in CLIPPING_MODES:
             raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}.")
         self.clipping = clipping
@@ -217,7 +221,8 @@ class DPNoise(Strategy):
         # Drawing N(0, sigma² C²) for every parameter takes as long as averaging ~20 CNN
         # replies; the server is idle until the replies come, so it is drawn now. Same
         # generator, same order: the released model is what drawing it later would give.
-        self._next_noise = (server_round, self.clip_norm, self._draw_noise(self.clip_norm))
+        self._next_start = (server_round, self.clip_norm, id(self.inner.current),
+                            *self._sum_start(self.clip_norm))
         return messages
 
     def _draw_noise(self, clip: float) -> dict[str, np.ndarray]:
@@ -230,11 +235,26 @@ class DPNoise(Strategy):
             noise[key] = draw.astype(weights.dtype, copy=False)
         return noise
 
-    def _take_noise(self, server_round: int, clip: float) -> dict[str, np.ndarray]:
-        pending, self._next_noise = self._next_noise, None
-        if pending is not None and pending[:2] == (server_round, clip):
-            return pending[2]
-        return self._draw_noise(clip)  # aggregate_train called without configure_train
+    def _sum_start(self, clip: float) -> tuple[float | None, dict[str, np.ndarray]]:
+        """(a, the buffer the round's sum starts from): W + a·noise/m when the inner
+        strategy's step is W + a·u, so the sum is the new model and applying it costs no pass
+        after the replies; (None, noise/m) otherwise. Adding the updates to W rather than to a
+        sum of their own rounds each to W's float32 spacing (~4e-9 for weights near 0.05), far
+        below the noise's std."""
+        noise = self._draw_noise(clip)
+        step = self.inner.update_step()
+        if step is not None:
+            for key, weights in self.inner.current.items():
+                noise[key] *= step
+                noise[key] += weights
+        return step, noise
+
+    def _take_sum_start(self, server_round: int,
+                        clip: float) -> tuple[float | None, dict[str, np.ndarray]]:
+        pending, self._next_start = self._next_start, None
+        if pending is not None and pending[:3] == (server_round, clip, id(self.inner.current)):
+            return pending[3], pending[4]
+        return self._sum_start(clip)  # aggregate_train called without configure_train
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -250,16 +270,17 @@ class DPNoise(Strategy):
             raise RuntimeError("DPNoise.aggregate_train called before configure_train.")
         clip = self.clip_norm  # this round's C (adaptive clipping changes it afterwards)
         offset = self.inner.update_offset()  # update = reply - offset
-        # The sum starts from this round's noise (drawn while the clients trained, used once):
-        # no zero-filled buffer and no extra pass to add the noise afterwards.
-        total = self._take_noise(server_round, clip)
+        # The sum starts from this round's noise (drawn while the clients trained, used once),
+        # and from W too where the step allows: no zero-filled buffer and no extra pass to add
+        # the noise, or to apply the sum, afterwards.
+        step, total = self._take_sum_start(server_round, clip)
+        weight = (1.0 if step is None else step) / self.expected_clients
         averager = MetricAverager(self.inner.client_epsilon_max)
-        # Each update's norm is taken in one pass, chunk by chunk; then s_i / m times it is
+        # Each update's norm is taken in one pass, chunk by chunk; then a·s_i / m times it is
         # added to the sum while it is still in cache. Replies of weights (a strategy resumed
         # from an older checkpoint) are first turned into updates in one reused scratch buffer.
         # Memory: the sum (and the scratch), whatever the number of replies.
         scratch = {} if offset is None else {k: np.empty_like(v) for k, v in current.items()}
-        m = self.expected_clients  # the fixed denominator of the noisy mean
         num_clipped = 0
         for msg, arrays, num_examples, metrics in self.inner.screen(
                 server_round, replies, check_values=False):
@@ -270,10 +291,11 @@ class DPNoise(Strategy):
             scale = clip_scale(math.sqrt(squared), clip)
             num_clipped += int(scale < 1.0)
             for key, acc in total.items():
-                axpy(acc, scale / m, update[key])
+                axpy(acc, scale * weight, update[key])
             averager.add(num_examples, metrics)
 
-        new_global = self.inner.apply_update(total)
+        new_global = (self.inner.apply_update(total) if step is None
+                      else self.inner.commit(total))
 
         self.rounds_done += 1
         self.epsilon = self._epsilon_after(self.rounds_done)

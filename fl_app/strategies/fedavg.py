@@ -29,6 +29,10 @@ class WeightedFedAvg(SampledStrategy):
         update is W_i - W), nothing when they send the delta itself."""
         return self._require_current() if self.mode == "weights" else None
 
+    def update_step(self) -> float:
+        """1: the new model is W + the mean delta."""
+        return 1.0
+
     def apply_update(self, mean_update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """W + mean delta, in the mean's own arrays."""
         for key, weights in self._require_current().items():

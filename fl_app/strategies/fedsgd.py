@@ -58,6 +58,10 @@ class GradientAveraging(SampledStrategy):
         """None: the reply itself is the client's gradient (what DP-FedSGD clips)."""
         return None
 
+    def update_step(self) -> float | None:
+        """-lr without momentum (W - lr·g); None with it (the step depends on the velocity)."""
+        return -self.server_lr if self.server_momentum == 0.0 else None
+
     def apply_update(self, mean_update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One (momentum) SGD step on the averaged gradient."""
         current = self._require_current()
