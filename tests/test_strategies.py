@@ -62,6 +62,27 @@ def test_fedavg_result_matches_hand_computed_weighted_average() -> None:
     np.testing.assert_allclose(strategy.current["w"], [[4.0, 5.0], [6.0, 7.0]])
 
 
+@pytest.mark.parametrize("container", [list, iter], ids=["list", "stream"])
+def test_fedavg_with_delta_replies_gives_the_model_weight_replies_give(container) -> None:
+    start = {"w": np.array([1.0, -2.0]), "b": np.array([0.5])}
+    trained = [({"w": np.array([2.0, 0.0]), "b": np.array([1.5])}, 1),
+               ({"w": np.array([0.0, -4.0]), "b": np.array([0.5])}, 3)]
+    models = []
+    for deltas in (False, True):
+        strategy = WeightedFedAvg()
+        if deltas:
+            strategy.reply_with_updates()
+        sent = start_round(strategy, start)
+        assert {m.content["config"]["mode"] for m in sent} == {"delta" if deltas else "weights"}
+        replies = [train_reply(11 + i, {k: w[k] - start[k] for k in w} if deltas else w, n)
+                   for i, (w, n) in enumerate(trained)]
+        models.append(unpack(strategy.aggregate_train(1, container(replies))[0]))
+    # (1 * client 1 + 3 * client 2) / 4 either way
+    for got in models:
+        np.testing.assert_allclose(got["w"], [0.5, -3.0])
+        np.testing.assert_allclose(got["b"], [0.75])
+
+
 def test_fedavg_equals_flowers_own_fedavg_on_the_same_replies() -> None:
     rng = np.random.default_rng(3)
     shapes = {"fc1.weight": (5, 4), "fc1.bias": (5,), "fc2.weight": (2, 5)}

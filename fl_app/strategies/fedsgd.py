@@ -77,8 +77,8 @@ class GradientAveraging(SampledStrategy):
                 velocity *= self.server_momentum
                 velocity += mean_update[key]
             step = self.velocity
-        # In place, one pass per array: `current` is this strategy's own copy (set_current),
-        # and what was sent out was packed from it.
+        # In place, one pass per array: `current` is this strategy's own copy of the model it
+        # sent (set_current), which nothing else holds.
         for key, weights in current.items():
             axpy(weights, -self.server_lr, step[key])
         return self.commit(current)
