@@ -202,19 +202,20 @@ def _measure_size(c: int, current: dict[str, np.ndarray], replies: Replies, delt
     for offset, name in DP_REFERENCE.items():
         numpy_variants[name] = lambda o=offset: numpy_dp_sum(replies, c, current, o)
     modes = {name: _reply_mode(make()) for name, make in made.items()}
+    inputs = {name: by_mode.get(mode, by_mode["weights"]) for name, mode in modes.items()}
     best = dict.fromkeys([*numpy_variants, *made], float("inf"))
     for _ in range(repeat):
         for name, fn in numpy_variants.items():
             best[name] = min(best[name], _timed(fn))
         for name, make in made.items():
-            strategy, messages = make(), by_mode.get(modes[name], by_mode["weights"])
-            best[name] = min(best[name], _timed(lambda s=strategy, m=messages:
+            strategy = make()
+            best[name] = min(best[name], _timed(lambda s=strategy, m=inputs[name]:
                                                  s.aggregate_train(1, m)))
     base = best[REFERENCE]
     for name, seconds in best.items():
         res.setdefault(name, {})[c] = {"seconds": seconds, "ratio": seconds / base}
     for name, make in made.items():
-        entry, messages = res[name][c], by_mode.get(modes[name], by_mode["weights"])
+        entry = res[name][c]
         entry["clients_send"] = modes[name]
         if "DPNoise" in name:  # also against the NumPy code of the same DP maths
             own = best[DP_REFERENCE[modes[name] == "weights"]]
@@ -224,7 +225,7 @@ def _measure_size(c: int, current: dict[str, np.ndarray], replies: Replies, delt
             continue
         strategy = make()
         entry["peak_extra_bytes"] = _peak_extra(
-            lambda s=strategy, m=messages: s.aggregate_train(1, m))
+            lambda s=strategy, m=inputs[name]: s.aggregate_train(1, m))
 
 
 def run(sizes: tuple[int, ...] = (10, 100, 1000), flower_memory_max: int = 1000) -> Part:
