@@ -60,8 +60,9 @@ def _simulate(cfg: DictConfig) -> float:
         supernodes = num_supernodes(cfg)
     # The engine is the run config's: a resumed run goes on with the one it was started with,
     # unless the command names another (its overrides come last).
-    if compose(overrides_from_run_config(run_config)).engine == "inprocess":
-        summary = _run_in_process(run_config, supernodes, out)
+    run_overrides = overrides_from_run_config(run_config)
+    if compose(run_overrides).engine == "inprocess":
+        summary = _run_in_process(run_config, run_overrides, supernodes, out)
         print(f"fl-app: in-process run completed: test accuracy {summary['test_accuracy']:.4f} "
               f"after {summary['rounds']} rounds; outputs in {out}", flush=True)
         return summary["test_accuracy"]
@@ -84,15 +85,16 @@ def _simulate(cfg: DictConfig) -> float:
     return summary["test_accuracy"]
 
 
-def _run_in_process(run_config: dict, supernodes: int | None, out: Path) -> dict:
-    """The run in this process (`fl_app.inprocess`); any failure becomes a RunFailed whose
-    message names it, with the traceback saved in the run's folder."""
+def _run_in_process(run_config: dict, overrides: list[str], supernodes: int | None,
+                    out: Path) -> dict:
+    """The run of `run_config` (whose overrides are `overrides`) in this process
+    (`fl_app.inprocess`); any failure becomes a RunFailed whose message names it, with the
+    traceback saved in the run's folder."""
     from fl_app import inprocess  # torch and the strategies: only when this engine runs
 
     # Flower's logger prints the run as under `flwr run`; passed on to Hydra's handlers as
     # well, every line would show twice.
     logging.getLogger("flwr").propagate = False
-    overrides = overrides_from_run_config(run_config)
     # As many clients as fl-app would start SuperNodes when the config leaves it to them.
     clients = None if compose(overrides).num_clients else supernodes or DEFAULT_SUPERNODES
     try:

@@ -59,7 +59,8 @@ class TorchClient(NumPyClient):
         # A different but reproducible batch order every round.
         seed = self.seed * 1_000_003 + int(config.get("server-round", 0))
         x, y = self.data.x_train, self.data.y_train
-        if config.get("mode", "weights") == "gradient":
+        mode = config.get("mode", "weights")
+        if mode == "gradient":
             if isinstance(self.privacy, DPSGD):
                 raise ValueError("privacy=dpsgd trains locally, but the server asks for gradients "
                                  "(FedSGD): use strategy=fedavg or dp_fedavg, or privacy=local.")
@@ -78,7 +79,7 @@ class TorchClient(NumPyClient):
             loss = training.train(self.model, x, y, self.local_epochs, self.batch_size, self.lr,
                                   seed, proximal_mu=mu)
         weights = self.get_parameters({})
-        if config.get("mode", "weights") == "delta":  # DP-FedAvg: the server clips the delta
+        if mode == "delta":  # DP-FedAvg: the server clips the delta
             delta = [np.subtract(w, r, dtype=w.dtype) for w, r in zip(weights, parameters,
                                                                       strict=True)]
             return self._private(delta), len(y), self._metrics(loss)

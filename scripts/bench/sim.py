@@ -25,6 +25,7 @@ from bench.common import (
     Row,
     SimRun,
     first,
+    fl_app_inprocess,
     fmt_s,
     median,
     process_starts,
@@ -34,7 +35,6 @@ from bench.common import (
     stamp_env,
     verdict,
 )
-from bench.common import fl_app_inprocess as run_fl_app_inprocess
 from fl_app.deploy.federation import free_port
 
 NUM_CLIENTS = 20
@@ -100,10 +100,11 @@ print(json.dumps({"round_seconds": [r["seconds"] for r in rows],
 """
 
 
-def fl_app_inprocess(model: str, rounds: int, work: Path) -> dict:
-    return run_fl_app_inprocess(work / f"fl-app-inprocess-{model}",
-                                [f"model={model}", f"num_clients={NUM_CLIENTS}",
-                                 f"num_rounds={rounds}"])
+def _engine_run(model: str, rounds: int, work: Path) -> dict:
+    """`fl-app engine=inprocess` on this part's 20 clients."""
+    return fl_app_inprocess(work / f"fl-app-inprocess-{model}",
+                            [f"model={model}", f"num_clients={NUM_CLIENTS}",
+                             f"num_rounds={rounds}"])
 
 
 def _child(code: str, *args: str, stamps: Path | None = None) -> dict:
@@ -189,7 +190,7 @@ def run(work: Path, rounds_cnn: int = 4, rounds_mlp: int = 5, variants=(None, "1
             ratio_in = median(inproc["round_seconds"][1:]) / plain_s
             sim.rows.append(Row("  in-process ServerApp + ClientApp (no Flower transport)",
                                 f"{ratio_in:.2f}× plain"))
-            engine = fl_app_inprocess(model, rounds[model], work)
+            engine = _engine_run(model, rounds[model], work)
             sim.data[f"fl-app engine=inprocess {model}"] = engine
             ratio_engine = median(engine["round_seconds"][1:]) / plain_s
             ok_engine = ratio_engine <= TARGET_RATIO
@@ -244,7 +245,7 @@ def run(work: Path, rounds_cnn: int = 4, rounds_mlp: int = 5, variants=(None, "1
     if plain_first is not None:
         start.rows.append(Row("  plain loop: first training step after the process starts",
                               fmt_s(plain_first), "", "~3 s"))
-    engine = sim.data.get("fl-app engine=inprocess mlp") or fl_app_inprocess("mlp", 2, work)
+    engine = sim.data.get("fl-app engine=inprocess mlp") or _engine_run("mlp", 2, work)
     step = engine["first_step_after"]
     ok = step is not None and step <= TARGET_FIRST_STEP
     start.data["fl-app engine=inprocess"] = engine
