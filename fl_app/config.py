@@ -91,7 +91,7 @@ def _outside_running_hydra() -> Iterator[None]:
         current.initialize(app)
 
 
-ENGINES = ("flower", "inprocess")  # see conf/config.yaml
+ENGINES = ("auto", "flower", "inprocess")  # see conf/config.yaml
 
 
 def check(cfg: DictConfig) -> None:
@@ -107,7 +107,8 @@ def check(cfg: DictConfig) -> None:
         ("lr", cfg.lr > 0, "> 0"),
         ("val_fraction", 0 <= cfg.val_fraction < 1, "in [0, 1)"),
         ("checkpoints", cfg.checkpoints in ("last", "all"), "last or all"),
-        ("engine", cfg.get("engine", "flower") in ENGINES, " or ".join(ENGINES)),
+        ("engine", cfg.get("engine", "auto") in ENGINES, ", ".join(ENGINES[:-1]) + " or "
+         + ENGINES[-1]),
         ("stopping.target", 0 < cfg.stopping.get("target", 1) <= 1, "in (0, 1]"),
         ("stopping.patience", cfg.stopping.get("patience", 1) >= 1, "an integer >= 1"),
         ("stopping.min_delta", cfg.stopping.get("min_delta", 0) >= 0, ">= 0"),

@@ -51,7 +51,7 @@ def test_flwr_run_with_a_bad_config_is_reported_failed_with_the_reason(flwr_home
 
 def test_fl_app_sweeps_strategies_one_output_folder_each(flwr_home, tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [str(Path(sys.executable).parent / "fl-app"), "-m",
+    cmd = [str(Path(sys.executable).parent / "fl-app"), "-m", "engine=flower",
            "strategy=fedavg,fedsgd,dp_fedavg", "dataset=digits", "num_clients=4",
            *SMALL.split(), f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, env=flwr_home, capture_output=True, text=True, timeout=900)
@@ -67,13 +67,14 @@ def test_fl_app_sweeps_strategies_one_output_folder_each(flwr_home, tmp_path):
     assert by_strategy["DPNoise"]["epsilon"] > 0
     assert proc.stdout.count("fl-app: run") == 3
 
-    # One documented command continues a run from its folder, here for one more round.
+    # One documented command continues a run from its folder, here for one more round, on the
+    # engine the run was started with.
     fedavg = Path(by_strategy["WeightedFedAvg"]["output_dir"])
     cmd = [str(Path(sys.executable).parent / "fl-app"), f"resume='{fedavg}'", "num_rounds=4",
            f"hydra.run.dir={tmp_path / 'resume'}"]
     proc = subprocess.run(cmd, env=flwr_home, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "resuming after round 3" in proc.stdout
+    assert "resuming after round 3" in proc.stdout and "fl-app: run" in proc.stdout
     rows = [json.loads(line) for line in (fedavg / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert json.loads((fedavg / "summary.json").read_text())["rounds"] == 4
@@ -81,7 +82,8 @@ def test_fl_app_sweeps_strategies_one_output_folder_each(flwr_home, tmp_path):
 
 def test_fl_app_with_a_client_pool_trains_a_population_on_4_supernodes(flwr_home, tmp_path):
     # fl-app starts client_pool SuperNodes, not num_clients; each round samples 4 of the 40.
-    cmd = [str(Path(sys.executable).parent / "fl-app"), "dataset=digits", "num_clients=40",
+    cmd = [str(Path(sys.executable).parent / "fl-app"), "engine=flower", "dataset=digits",
+           "num_clients=40",
            "client_pool=4", "fraction_train=0.1", *SMALL.split(),
            f"hydra.run.dir={tmp_path / 'pool'}"]
     proc = subprocess.run(cmd, env=flwr_home, capture_output=True, text=True, timeout=600)
@@ -95,7 +97,8 @@ def test_fl_app_with_a_client_pool_trains_a_population_on_4_supernodes(flwr_home
 
 def test_fl_app_reports_a_failed_run_and_exits_nonzero(flwr_home, tmp_path):
     # Offline, torchvision's MNIST cannot be fetched: the ServerApp fails, and so must fl-app.
-    cmd = [str(Path(sys.executable).parent / "fl-app"), "dataset=mnist", "num_clients=2",
+    cmd = [str(Path(sys.executable).parent / "fl-app"), "engine=flower", "dataset=mnist",
+           "num_clients=2",
            f"dataset.root={tmp_path / 'empty'}", "num_rounds=1",
            f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, env=flwr_home, capture_output=True, text=True, timeout=600)

@@ -1,4 +1,5 @@
-"""`fl-app engine=inprocess`: the app's simulation in the fl-app process, no SuperLink, no Ray.
+"""`fl-app` (engine=auto) and `fl-app engine=inprocess`: the app's simulation in the fl-app
+process, no SuperLink, no Ray.
 
 The command runs, learns, writes the outputs a `flwr run` writes, resumes, sweeps (each job as if
 alone), fails in one line, and turns a failing ClientApp into an error reply as Flower does.
@@ -7,6 +8,7 @@ alone), fails in one line, and turns a failing ClientApp into an error reply as 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fl_app import inprocess, server_loop
+from fl_app.cli import engine_for
 from fl_app.config import ConfigError
 
 FL_APP = str(Path(sys.executable).parent / "fl-app")
@@ -30,9 +33,18 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_fl_app_inprocess_learns_writes_outputs_and_resumes(tmp_path):
+def test_engine_auto_is_inprocess_unless_ray_address_names_a_cluster():
+    assert engine_for("auto", {}) == "inprocess"
+    assert engine_for("auto", {"RAY_ADDRESS": "127.0.0.1:6379"}) == "flower"
+    assert engine_for("flower", {}) == "flower"
+    assert engine_for("inprocess", {"RAY_ADDRESS": "127.0.0.1:6379"}) == "inprocess"
+
+
+def test_fl_app_by_default_runs_inprocess_learns_writes_outputs_and_resumes(tmp_path):
     out = tmp_path / "run"
-    proc = _fl_app(*SMALL, f"hydra.run.dir={out}")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([FL_APP, *SMALL, f"hydra.run.dir={out}"], capture_output=True,
+                          text=True, timeout=300, env=env)  # no engine=: the default
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = _rows(out)
     assert [r["round"] for r in rows] == [1, 2, 3]
@@ -45,10 +57,9 @@ def test_fl_app_inprocess_learns_writes_outputs_and_resumes(tmp_path):
     log = proc.stdout + proc.stderr
     assert log.count("[round 3/3]") == 1  # Flower's log lines once, not also via Hydra
 
-    # Resumed without naming the engine: it goes on in-process, as it was started.
     proc = subprocess.run([FL_APP, f"resume='{out}'", "num_rounds=4",
                            f"hydra.run.dir={tmp_path / 'resume'}"], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming after round 3" in proc.stdout + proc.stderr
     assert "fl-app: in-process run completed" in proc.stdout

@@ -327,22 +327,23 @@ def simulate(work: Path, overrides: list[str], num_supernodes: int,
     return result
 
 
-def fl_app_inprocess(out: Path, overrides: list[str], env: dict[str, str] | None = None) -> dict:
-    """`fl-app engine=inprocess` as a user types it, outputs in `out`: its rounds' seconds (from
-    metrics.jsonl), final accuracy, first training step and exit, both counted from when the
-    command started (stamps), and the peak memory of its process tree."""
+def fl_app_default(out: Path, overrides: list[str], env: dict[str, str] | None = None) -> dict:
+    """`fl-app` as a user types it, with its default engine (auto: in-process; RAY_ADDRESS is
+    left out so that it stays so), outputs in `out`: its rounds' seconds (from metrics.jsonl),
+    final accuracy, first training step and exit, both counted from when the command started
+    (stamps), and the peak memory of its process tree."""
     stamps = out.with_suffix(".stamps.jsonl")
     stamps.unlink(missing_ok=True)
-    cmd = [str(Path(sys.executable).parent / "fl-app"), "engine=inprocess", *overrides,
-           f"hydra.run.dir={out}"]
+    cmd = [str(Path(sys.executable).parent / "fl-app"), *overrides, f"hydra.run.dir={out}"]
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {}), **stamp_env(stamps)})
+                            env={**base, **(env or {}), **stamp_env(stamps)})
     with TreeMemory(lambda: [proc.pid]) as memory:
         log, _ = proc.communicate(timeout=1800)
     finished = time.time()
-    if proc.returncode != 0:
-        raise RuntimeError(f"fl-app engine=inprocess {' '.join(overrides)} failed:\n"
+    if proc.returncode != 0 or "fl-app: in-process run completed" not in log:
+        raise RuntimeError(f"fl-app {' '.join(overrides)} failed, or did not run in-process:\n"
                            f"{log[-3000:]}")
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     step = first(read_stamps(stamps), "backward")

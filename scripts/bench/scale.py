@@ -4,7 +4,7 @@ the local SuperLink and everything it spawned, and the run's Ray processes), sam
 0.5 s from /proc (PSS: shared pages split between the processes that map them; RSS summed
 counts torch's libraries once per process). Each size runs twice: one SuperNode per client
 (Flower's way), and a pool of 10 SuperNodes serving the population (`client_pool=10`); then
-once more as `fl-app engine=inprocess` (one process, no SuperNodes).
+once more as `fl-app` (in-process) (one process, no SuperNodes).
 
 The embedded MNIST has 4,000 training images, too few for 10,000 clients, so these runs use
 `dataset=mnist` (torchvision's loader) on MNIST-format files written from the embedded 5,000
@@ -24,7 +24,7 @@ import numpy as np
 from bench.common import (
     Part,
     Row,
-    fl_app_inprocess,
+    fl_app_default,
     fmt_mb,
     fmt_s,
     median,
@@ -95,9 +95,9 @@ def _simulation(work: Path, name: str, ov: list[str], supernodes: int, env: dict
 
 
 def _in_process(work: Path, name: str, ov: list[str], env: dict) -> dict:
-    """`fl-app engine=inprocess` with the same overrides: first training step after the
+    """`fl-app` (in-process) with the same overrides: first training step after the
     command starts, steady round, peak memory of its process tree."""
-    r = fl_app_inprocess(work / f"inprocess-{name}", ov, env)
+    r = fl_app_default(work / f"inprocess-{name}", ov, env)
     steady = median(r["round_seconds"][1:])
     print(f"  scale {name} in-process: steady {steady:.2f} s/round, "
           f"peak PSS {fmt_mb(r['peak_pss'])}", flush=True)
@@ -142,7 +142,7 @@ def run(work: Path, sizes: tuple[int, ...] = (1000, 10_000), rounds: int = 4) ->
         in_process[n] = _in_process(work, str(n), [*ov, f"num_clients={n}"], env)
     part.data = {**{str(k): v for k, v in results.items()},
                  **{f"{k} (client_pool={POOL})": v for k, v in pooled.items()},
-                 **{f"{k} (fl-app engine=inprocess)": v for k, v in in_process.items()}}
+                 **{f"{k} (fl-app (in-process))": v for k, v in in_process.items()}}
     for n, r in results.items():
         part.rows.append(Row(f"Scale, {n:,} clients (10 sampled a round, 2NN): first training "
                              "step after `flwr run` starts",
@@ -181,13 +181,13 @@ def run(work: Path, sizes: tuple[int, ...] = (1000, 10_000), rounds: int = 4) ->
                              "< 4 GB at 10,000" if n >= 10_000 else "", ok=ok))
     for n, r in in_process.items():
         ok = r["peak_pss"] < TARGET_MEMORY if n >= 10_000 else None
-        part.rows.append(Row(f"Scale, {n:,} clients, `fl-app engine=inprocess`: first training "
+        part.rows.append(Row(f"Scale, {n:,} clients, `fl-app` (in-process): first training "
                              "step / steady round / peak PSS",
                              f"{fmt_s(r['first_step'] or float('nan'))} / "
                              f"{fmt_s(r['steady_round'])} / {fmt_mb(r['peak_pss'])}" + verdict(ok),
                              "< 4 GB at 10,000" if n >= 10_000 else "", ok=ok))
     for label, runs in (("", results), (f", client_pool={POOL}", pooled),
-                        (", fl-app engine=inprocess", in_process)):
+                        (", fl-app (in-process)", in_process)):
         if len(runs) >= 2:
             lo, hi = min(runs), max(runs)
             ratio = runs[hi]["steady_round"] / runs[lo]["steady_round"]

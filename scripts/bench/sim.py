@@ -6,7 +6,7 @@ embedded MNIST, B = 10, E = 1, the same task code and seeds everywhere.
   same central evaluation the ServerApp does (so a round is the same work as a Flower round);
 - in-process app: `fl_app.inprocess` (the real ServerApp loop and ClientApp, Messages and
   strategy included, no SuperLink, no Ray), to split app overhead from Flower's transport;
-- `fl-app engine=inprocess`: the same, started as a user starts it (the command, Hydra, the
+- `fl-app` (in-process): the same, started as a user starts it (the command, Hydra, the
   outputs), for its round time and its first training step after the command starts;
 - Flower simulation: `flwr run` with `num-supernodes=20` and Flower's default client resources
   (2 CPUs each), and with `client-resources-num-cpus=1`.
@@ -25,7 +25,7 @@ from bench.common import (
     Row,
     SimRun,
     first,
-    fl_app_inprocess,
+    fl_app_default,
     fmt_s,
     median,
     process_starts,
@@ -86,13 +86,10 @@ print(json.dumps({"round_seconds": times, "first_step_after": first_step - t_sta
 """
 
 IN_PROCESS = r"""
-import functools, json, sys, time
+import json, sys, time
 t_start = time.time()
 from fl_app.inprocess import run
 model_name, rounds, n, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-if sys.argv[5:] == ["all-clients-cached"]:  # experiment: a client cache that holds every client
-    import fl_app.client_core as cc
-    cc._cached_client = functools.lru_cache(maxsize=None)(cc._cached_client.__wrapped__)
 summary = run([f"model={model_name}", f"num_rounds={rounds}", f"output_dir={out}"], n)
 rows = [json.loads(r) for r in open(out + "/metrics.jsonl")]
 print(json.dumps({"round_seconds": [r["seconds"] for r in rows],
@@ -101,8 +98,8 @@ print(json.dumps({"round_seconds": [r["seconds"] for r in rows],
 
 
 def _engine_run(model: str, rounds: int, work: Path) -> dict:
-    """`fl-app engine=inprocess` on this part's 20 clients."""
-    return fl_app_inprocess(work / f"fl-app-inprocess-{model}",
+    """`fl-app` (in-process) on this part's 20 clients."""
+    return fl_app_default(work / f"fl-app-inprocess-{model}",
                             [f"model={model}", f"num_clients={NUM_CLIENTS}",
                              f"num_rounds={rounds}"])
 
@@ -117,10 +114,9 @@ def plain_loop(model: str, rounds: int) -> dict:
     return _child(PLAIN_LOOP, model, str(rounds), str(NUM_CLIENTS))
 
 
-def in_process(model: str, rounds: int, work: Path, all_cached: bool = False) -> dict:
-    out = work / f"inprocess-{model}{'-all-cached' if all_cached else ''}"
-    extra = ["all-clients-cached"] if all_cached else []
-    return _child(IN_PROCESS, model, str(rounds), str(NUM_CLIENTS), str(out), *extra)
+def in_process(model: str, rounds: int, work: Path) -> dict:
+    out = work / f"inprocess-{model}"
+    return _child(IN_PROCESS, model, str(rounds), str(NUM_CLIENTS), str(out))
 
 
 def flower(model: str, rounds: int, work: Path, cpus: str | None) -> SimRun:
@@ -191,19 +187,14 @@ def run(work: Path, rounds_cnn: int = 4, rounds_mlp: int = 5, variants=(None, "1
             sim.rows.append(Row("  in-process ServerApp + ClientApp (no Flower transport)",
                                 f"{ratio_in:.2f}× plain"))
             engine = _engine_run(model, rounds[model], work)
-            sim.data[f"fl-app engine=inprocess {model}"] = engine
+            sim.data[f"fl-app (in-process) {model}"] = engine
             ratio_engine = median(engine["round_seconds"][1:]) / plain_s
             ok_engine = ratio_engine <= TARGET_RATIO
-            sim.rows.append(Row("  `fl-app engine=inprocess` (one override), steady round vs "
+            sim.rows.append(Row("  `fl-app` (its default engine, in-process), steady round vs "
                                 "plain loop", f"{ratio_engine:.2f}× "
                                 f"({fmt_s(median(engine['round_seconds'][1:]))})"
                                 + verdict(ok_engine), f"≤ {TARGET_RATIO}×",
                                 PLAIN_FLOWER[(model, None)], ok=ok_engine))
-            cached = in_process(model, rounds[model], work, all_cached=True)
-            sim.data[f"in-process app {model}, every client cached"] = cached
-            sim.rows.append(Row("    the same with a client cache holding all 20 clients "
-                                "(experiment: fl_app.client_core._cached_client unbounded)",
-                                f"{median(cached['round_seconds'][1:]) / plain_s:.2f}× plain"))
         for cpus in (variants if not startup_only else (None,)):
             run = flower(model, rounds[model], work, cpus)
             runs[(model, cpus)] = run
@@ -245,11 +236,11 @@ def run(work: Path, rounds_cnn: int = 4, rounds_mlp: int = 5, variants=(None, "1
     if plain_first is not None:
         start.rows.append(Row("  plain loop: first training step after the process starts",
                               fmt_s(plain_first), "", "~3 s"))
-    engine = sim.data.get("fl-app engine=inprocess mlp") or _engine_run("mlp", 2, work)
+    engine = sim.data.get("fl-app (in-process) mlp") or _engine_run("mlp", 2, work)
     step = engine["first_step_after"]
     ok = step is not None and step <= TARGET_FIRST_STEP
-    start.data["fl-app engine=inprocess"] = engine
-    start.rows.append(Row("Start-up: first training step after `fl-app engine=inprocess` starts "
+    start.data["fl-app (in-process)"] = engine
+    start.rows.append(Row("Start-up: first training step after `fl-app` (in-process) starts "
                           "(2NN, 20 clients)", (fmt_s(step) if step else "?") + verdict(ok),
                           f"≤ {TARGET_FIRST_STEP:.0f} s", "~22 s", ok=ok))
     previous = 0.0
