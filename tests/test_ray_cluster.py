@@ -1,4 +1,5 @@
-"""Flower's simulation runs on an existing Ray cluster: `ray start --head`, then `flwr run`.
+"""Flower's simulation runs on an existing Ray cluster: `ray start --head`, then `flwr run`, and
+`fl-app` (whose default engine follows RAY_ADDRESS).
 
 Flower 1.41's Ray backend calls `ray.init()` without an address
 (flwr/server/superlink/fleet/vce/backend/raybackend.py, `RayBackend.init_ray`), and Ray then
@@ -77,12 +78,25 @@ def _probe(address: str) -> dict:
     return json.loads(proc.stdout.split("PROBE", 1)[1])
 
 
-def test_flwr_run_simulation_attaches_to_a_running_ray_cluster(ray_head, tmp_path):
-    home, port = tmp_path / "flwr-home", free_port()
-    env = flwr_env({"FLWR_HOME": str(home), "FL_APP_OUTPUTS": str(tmp_path / "outputs"),
-                    "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
-                    "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-                    "RAY_ADDRESS": ray_head})  # set before `flwr run` starts the SuperLink
+def _env(tmp_path: Path, name: str, address: str) -> tuple[dict[str, str], Path, int]:
+    home, port = tmp_path / name, free_port()
+    return flwr_env({"FLWR_HOME": str(home), "FL_APP_OUTPUTS": str(tmp_path / "outputs"),
+                     "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+                     "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+                     "RAY_ADDRESS": address}), home, port  # set before the SuperLink starts
+
+
+def _actors_of_run(seen: dict, port: int) -> list[dict]:
+    ours = [job for job in seen["jobs"]
+            if "flwr-simulation" in job.get("Entrypoint", "")
+            and f"127.0.0.1:{port}" in job["Entrypoint"]]  # the run's own SuperLink
+    assert len(ours) == 1, [job.get("Entrypoint") for job in seen["jobs"]]
+    return [a for a in seen["actors"]
+            if a["JobID"] == ours[0]["JobID"] and a["ActorClassName"] == "ClientAppActor"]
+
+
+def test_flwr_run_and_fl_app_simulations_attach_to_a_running_ray_cluster(ray_head, tmp_path):
+    env, home, port = _env(tmp_path, "flwr-home", ray_head)
     out = tmp_path / "out"
     config = toml_run_config({"dataset": "digits", "overrides": f"num_rounds=1 output_dir={out}"},
                              tmp_path / "run.toml")
@@ -93,14 +107,22 @@ def test_flwr_run_simulation_attaches_to_a_running_ray_cluster(ray_head, tmp_pat
     assert result.status == "finished:completed", result.log[-3000:]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
-    seen = _probe(ray_head)  # the cluster outlives the run: Flower only disconnected from it
+    # The README's command: with RAY_ADDRESS set, fl-app's default engine is Flower's.
+    app_env, app_home, app_port = _env(tmp_path, "fl-app-home", ray_head)
+    try:
+        proc = subprocess.run([str(Path(sys.executable).parent / "fl-app"), "dataset=digits",
+                               "num_clients=3", "num_rounds=1",
+                               f"hydra.run.dir={tmp_path / 'fl-app'}"],
+                              env=app_env, capture_output=True, text=True, timeout=300)
+    finally:
+        stop(pids_with_cmdline(str(app_home / "local-superlink")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fl-app: run" in proc.stdout and "in-process" not in proc.stdout
+
+    seen = _probe(ray_head)  # the cluster outlives the runs: Flower only disconnected from it
     assert seen["cpus"] == CLUSTER_CPUS
-    ours = [job for job in seen["jobs"]
-            if "flwr-simulation" in job.get("Entrypoint", "")
-            and f"127.0.0.1:{port}" in job["Entrypoint"]]  # this test's SuperLink
-    assert len(ours) == 1, [job.get("Entrypoint") for job in seen["jobs"]]
-    actors = [a for a in seen["actors"]
-              if a["JobID"] == ours[0]["JobID"] and a["ActorClassName"] == "ClientAppActor"]
-    # Flower sizes its actor pool from the cluster's nodes: 4 CPUs / 2 per client (its default).
-    # A Ray of Flower's own on this 2-core machine would have had room for one.
-    assert len(actors) == CLUSTER_CPUS // 2
+    # Flower sizes its actor pool from the cluster's nodes: 4 CPUs / 2 per client (its default)
+    # for flwr run, 4 / 1 for fl-app (one CPU per client). A Ray of Flower's own on this 2-core
+    # machine would have had room for one and two.
+    assert len(_actors_of_run(seen, port)) == CLUSTER_CPUS // 2
+    assert len(_actors_of_run(seen, app_port)) == CLUSTER_CPUS
