@@ -64,11 +64,16 @@ def _simulate(cfg: DictConfig) -> float:
     # The engine is the run config's: a resumed run goes on with the one it was started with,
     # unless the command names another (its overrides come last).
     run_overrides = overrides_from_run_config(run_config)
-    if engine_for(compose(run_overrides).engine) == "inprocess":
+    engine = compose(run_overrides).engine
+    if engine_for(engine) == "inprocess":
         summary = _run_in_process(run_config, run_overrides, supernodes, out)
         print(f"fl-app: in-process run completed: test accuracy {summary['test_accuracy']:.4f} "
               f"after {summary['rounds']} rounds; outputs in {out}", flush=True)
         return summary["test_accuracy"]
+    if engine == "auto":  # say why this run is not in-process, as runs without RAY_ADDRESS are
+        print(f"fl-app: RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set: running on Flower's "
+              "simulation engine, in that Ray cluster (engine=inprocess keeps the run here)",
+              flush=True)
     if not (PROJECT_ROOT / "pyproject.toml").exists():
         raise RunFailed(f"fl-app needs the project folder (with pyproject.toml) at {PROJECT_ROOT}: "
                         "install it with `pip install -e .` from a clone, or run with "

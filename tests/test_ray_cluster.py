@@ -117,7 +117,8 @@ def test_flwr_run_and_fl_app_simulations_attach_to_a_running_ray_cluster(ray_hea
     finally:
         stop(pids_with_cmdline(str(app_home / "local-superlink")))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "fl-app: run" in proc.stdout and "in-process" not in proc.stdout
+    assert f"fl-app: RAY_ADDRESS={ray_head} is set: running on Flower's" in proc.stdout
+    assert "fl-app: run" in proc.stdout and "in-process run" not in proc.stdout
 
     seen = _probe(ray_head)  # the cluster outlives the runs: Flower only disconnected from it
     assert seen["cpus"] == CLUSTER_CPUS
