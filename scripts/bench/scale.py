@@ -4,7 +4,7 @@ the local SuperLink and everything it spawned, and the run's Ray processes), sam
 0.5 s from /proc (PSS: shared pages split between the processes that map them; RSS summed
 counts torch's libraries once per process). Each size runs twice: one SuperNode per client
 (Flower's way), and a pool of 10 SuperNodes serving the population (`client_pool=10`); then
-once more as `fl-app` (in-process) (one process, no SuperNodes).
+once more as `fl-app` with its default engine (in-process: one process, no SuperNodes).
 
 The embedded MNIST has 4,000 training images, too few for 10,000 clients, so these runs use
 `dataset=mnist` (torchvision's loader) on MNIST-format files written from the embedded 5,000
@@ -142,7 +142,7 @@ def run(work: Path, sizes: tuple[int, ...] = (1000, 10_000), rounds: int = 4) ->
         in_process[n] = _in_process(work, str(n), [*ov, f"num_clients={n}"], env)
     part.data = {**{str(k): v for k, v in results.items()},
                  **{f"{k} (client_pool={POOL})": v for k, v in pooled.items()},
-                 **{f"{k} (fl-app (in-process))": v for k, v in in_process.items()}}
+                 **{f"{k} (fl-app, in-process)": v for k, v in in_process.items()}}
     for n, r in results.items():
         part.rows.append(Row(f"Scale, {n:,} clients (10 sampled a round, 2NN): first training "
                              "step after `flwr run` starts",

@@ -100,8 +100,7 @@ print(json.dumps({"round_seconds": [r["seconds"] for r in rows],
 def _engine_run(model: str, rounds: int, work: Path) -> dict:
     """`fl-app` (in-process) on this part's 20 clients."""
     return fl_app_default(work / f"fl-app-inprocess-{model}",
-                            [f"model={model}", f"num_clients={NUM_CLIENTS}",
-                             f"num_rounds={rounds}"])
+                          [f"model={model}", f"num_clients={NUM_CLIENTS}", f"num_rounds={rounds}"])
 
 
 def _child(code: str, *args: str, stamps: Path | None = None) -> dict:
