@@ -5,6 +5,7 @@ The runs are the real app in one process (`fl_app.inprocess.run`): the ServerApp
 and the ClientApp's handlers, with only Flower's transport left out.
 """
 
+import itertools
 import tomllib
 
 import numpy as np
@@ -17,6 +18,7 @@ from fl_app.config import CONF_DIR, compose, overrides_from_run_config
 from fl_app.data import _holdout, client_data, load_dataset, local_data, partition
 from fl_app.inprocess import run
 from fl_app.models import num_parameters
+from fl_app.privacy import LocalDP
 
 HOSPITALS = ["+experiment=hospitals"]
 
@@ -107,8 +109,24 @@ CASES = {
 }
 
 
+@pytest.fixture
+def seeded_local_noise(monkeypatch):
+    """Local DP draws its noise from OS entropy by design. Drawn afresh, its 5 noisy hospitals
+    ended between 0.842 and 0.956 over 21 runs, so a rare draw failed the 0.85 bar once in CI:
+    here each client's generator gets the next of fixed seeds, and the run is the same every
+    time. (The central DP cases ended at 0.93-0.97 in 10 runs each; they keep OS entropy.)"""
+    seeds = itertools.count(1)
+    init = LocalDP.__init__
+
+    def seeded(self, *args, rng=None, **kwargs):
+        init(self, *args, rng=rng or np.random.default_rng(next(seeds)), **kwargs)
+
+    monkeypatch.setattr(LocalDP, "__init__", seeded)
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_hospitals_learn_far_above_the_majority_class(case, tmp_path, one_torch_thread):
+def test_hospitals_learn_far_above_the_majority_class(case, tmp_path, one_torch_thread,
+                                                      seeded_local_noise):
     overrides, min_accuracy, privacy_key = CASES[case]
     y_test = load_dataset(compose(HOSPITALS).dataset).y_test.numpy()
     majority = np.bincount(y_test).max() / len(y_test)  # always "benign": 0.60
