@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,27 @@ def flwr_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra or {})
     return env
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_superlink_env(home: Path, outputs: Path | None = None,
+                        extra: dict[str, str] | None = None,
+                        ports: tuple[int, int] | None = None) -> dict[str, str]:
+    """`flwr_env` for a private local SuperLink: its own FLWR_HOME, where `flwr run` starts
+    it, and its own HTTP and control ports (free ones unless `ports`), so that it never meets
+    another's; FL_APP_OUTPUTS is `outputs` when given. The SuperLink's command line names
+    `home`: stop it with `pids_with_cmdline(str(home / "local-superlink"))`."""
+    http, control = ports or (free_port(), free_port())
+    return flwr_env({"FLWR_HOME": str(home),
+                     **({"FL_APP_OUTPUTS": str(outputs)} if outputs is not None else {}),
+                     "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
+                     "FLWR_LOCAL_CONTROL_API_PORT": str(control), **(extra or {})})
 
 
 def toml_run_config(values: dict[str, str], path: Path) -> Path:

@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fl_app.deploy.federation import LocalFederation, free_port
+from fl_app.deploy.federation import LocalFederation
 from fl_app.processes import pids_with_cmdline, stop
-from fl_app.runner import flwr_env, flwr_run, toml_run_config
+from fl_app.runner import flwr_run, local_superlink_env, toml_run_config
 
 
 def _round_times(out: Path) -> list[float]:
@@ -31,9 +31,7 @@ def _round_times(out: Path) -> list[float]:
 
 def simulation(work: Path, overrides: list[str]) -> tuple[list[float], float]:
     home = work / "flwr-home"
-    env = flwr_env({"FLWR_HOME": str(home),
-                    "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-                    "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())})
+    env = local_superlink_env(home)
     out = work / "out"
     config = toml_run_config({"overrides": shlex.join([*overrides, f"output_dir={out}"])},
                              work / "run.toml")

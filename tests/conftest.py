@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from fl_app.processes import pids_with_cmdline, stop
-from fl_app.runner import flwr_env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fl_app.runner import local_superlink_env
 
 
 @pytest.fixture(scope="session")
@@ -24,11 +16,6 @@ def flwr_home(tmp_path_factory):
     database path (inside this FLWR_HOME) and stopped with everything it spawned.
     """
     home = tmp_path_factory.mktemp("flwr_home")
-    env = flwr_env({
-        "FLWR_HOME": str(home),
-        "FL_APP_OUTPUTS": str(home / "outputs"),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-    })
+    env = local_superlink_env(home, home / "outputs")
     yield env
     stop(pids_with_cmdline(str(home / "local-superlink")))

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_app.deploy.federation import free_port
 from fl_app.processes import alive, pids_with_cmdline, stop
-from fl_app.runner import flwr_env, flwr_run, toml_run_config
+from fl_app.runner import flwr_env, flwr_run, free_port, local_superlink_env, toml_run_config
 
 pytestmark = pytest.mark.e2e
 
@@ -79,11 +78,10 @@ def _probe(address: str) -> dict:
 
 
 def _env(tmp_path: Path, name: str, address: str) -> tuple[dict[str, str], Path, int]:
-    home, port = tmp_path / name, free_port()
-    return flwr_env({"FLWR_HOME": str(home), "FL_APP_OUTPUTS": str(tmp_path / "outputs"),
-                     "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
-                     "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-                     "RAY_ADDRESS": address}), home, port  # set before the SuperLink starts
+    home = tmp_path / name
+    env = local_superlink_env(home, tmp_path / "outputs",
+                              {"RAY_ADDRESS": address})  # set before the SuperLink starts
+    return env, home, int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
 
 
 def _actors_of_run(seen: dict, port: int) -> list[dict]:

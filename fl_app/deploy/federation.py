@@ -16,15 +16,9 @@ from pathlib import Path
 
 from fl_app.deploy.credentials import make_supernode_keys, make_tls
 from fl_app.processes import stop
-from fl_app.runner import RunResult, flwr_env, flwr_run, run_status
+from fl_app.runner import RunResult, flwr_env, flwr_run, free_port, run_status
 
 CONNECTION = "fl-app-local"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalFederation:

@@ -16,9 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fl_app.deploy.federation import free_port
 from fl_app.processes import descendants, pids_with_cmdline, stop
-from fl_app.runner import flwr_env, run_status, toml_run_config
+from fl_app.runner import flwr_env, free_port, local_superlink_env, run_status, toml_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOK = Path(__file__).resolve().parent / "hook"  # sitecustomize.py: the stamps
@@ -263,11 +262,8 @@ def simulate(work: Path, overrides: list[str], num_supernodes: int,
     # Ray's files (and its session) under our own folder: the Ray processes of this run are
     # then recognisable by that path, and no other Ray on this machine is picked up.
     ray_tmp = Path(tempfile.mkdtemp(prefix="fb", dir="/tmp"))
-    full_env = flwr_env({
-        "FLWR_HOME": str(home), "FL_APP_OUTPUTS": str(work / "outputs"),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(ports[0]),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(ports[1]),
-        "RAY_TMPDIR": str(ray_tmp), **stamp_env(stamps), **(env or {})})
+    full_env = local_superlink_env(home, work / "outputs", {
+        "RAY_TMPDIR": str(ray_tmp), **stamp_env(stamps), **(env or {})}, ports)
     values = {**(run_config or {}),
               "overrides": shlex.join([*overrides, f"output_dir={out}"])}
     config = toml_run_config(values, work / "run.toml")
