@@ -18,7 +18,7 @@ from flwr.client import NumPyClient
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fl_app import training
+from fl_app import device, training
 from fl_app.config import compose, overrides_from_run_config
 from fl_app.data import ClientData, client_data, local_data
 from fl_app.models import get_weights, is_small_dense, set_weights
@@ -67,7 +67,7 @@ class TorchClient(NumPyClient):
             # The server's protocol decides the gradient batch (0: the whole local set).
             batch = int(config.get("batch-size", self.batch_size or 0)) or None
             grads, loss, n = training.gradient(self.model, x, y, batch, seed)
-            reply = self._private([grads[k].numpy() for k in self.keys])
+            reply = self._private([grads[k].cpu().numpy() for k in self.keys])
             return reply, n, self._metrics(loss)
         mu = float(config.get("proximal-mu", 0.0))  # FedProx's proximal term weight
         if isinstance(self.privacy, DPSGD):
@@ -126,10 +126,14 @@ def build_client(cfg: DictConfig, partition_id: int, num_partitions: int,
             f"'num-supernodes={cfg.num_clients}' (or num-partitions={cfg.num_clients} on every "
             f"SuperNode), or override num_clients={num_partitions} (null = follow the federation)."
         )
-    torch.manual_seed(cfg.seed)
-    model = instantiate(cfg.model)
+    on = device.resolve(cfg.get("device", "auto"))
+    torch.manual_seed(cfg.seed)  # initialised on the CPU: the same model on every device
+    model = instantiate(cfg.model).to(on)
     data = (local_data(cfg, data_dir, partition_id) if data_dir
             else client_data(cfg, partition_id, num_partitions))
+    # Moved once: the cached client keeps model and data on the device across rounds, and a
+    # message's arrays are the only host <-> device copies.
+    data = ClientData(*(t.to(on) for t in data))
     return TorchClient(model, data, cfg.local_epochs, cfg.batch_size, cfg.lr,
                        seed=cfg.seed * 7919 + partition_id,
                        privacy=client_privacy(cfg.privacy, cfg.num_clients or num_partitions))

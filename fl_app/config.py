@@ -21,6 +21,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fl_app import device
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("strategy", "model", "dataset", "partitioner", "privacy")
 
@@ -109,6 +111,9 @@ def check(cfg: DictConfig) -> None:
         ("checkpoints", cfg.checkpoints in ("last", "all"), "last or all"),
         ("engine", cfg.get("engine", "auto") in ENGINES, ", ".join(ENGINES[:-1]) + " or "
          + ENGINES[-1]),
+        ("client_gpus", cfg.get("client_gpus") is None or _is_number(cfg.client_gpus)
+         and cfg.client_gpus >= 0, "null (derived from device) or a number >= 0: the GPUs "
+         "each simulated client reserves, e.g. 0.1 for ten clients per GPU"),
         ("stopping.target", 0 < cfg.stopping.get("target", 1) <= 1, "in (0, 1]"),
         ("stopping.patience", cfg.stopping.get("patience", 1) >= 1, "an integer >= 1"),
         ("stopping.min_delta", cfg.stopping.get("min_delta", 0) >= 0, ">= 0"),
@@ -119,6 +124,9 @@ def check(cfg: DictConfig) -> None:
         if not ok:
             raise ConfigError(
                 f"{key}={OmegaConf.select(cfg, key)} is invalid: it must be {expected}.")
+    reason = device.problem(cfg.get("device", "auto"))
+    if reason:  # checked on the machine that composes: server, SuperNode, simulation actor
+        raise ConfigError(f"device={cfg.device} is invalid: {reason}.")
     if cfg.num_clients is not None and cfg.min_clients > cfg.num_clients:
         raise ConfigError(
             f"min_clients={cfg.min_clients} exceeds num_clients={cfg.num_clients}: "
@@ -126,6 +134,10 @@ def check(cfg: DictConfig) -> None:
         )
     if cfg.get("client_pool") is not None:
         _check_client_pool(cfg)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def num_supernodes(cfg: DictConfig) -> int | None:
@@ -185,8 +197,7 @@ def _privacy_rules(cfg: DictConfig) -> list[tuple[str, bool, str]]:
     """
     def num(key: str) -> float:
         value = OmegaConf.select(cfg, key)
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return float(value) if ok else math.nan
+        return float(value) if _is_number(value) else math.nan
 
     def delta_rules(prefix: str, may_be_null: bool) -> list[tuple[str, bool, str]]:
         delta, key = OmegaConf.select(cfg, f"{prefix}.delta"), f"{prefix}.delta"

@@ -17,6 +17,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fl_app import dataset_files
+
 # A fixed split seed keeps the test set identical across runs with different training seeds.
 SPLIT_SEED = 2017
 NORMALIZATION = {  # images: (mean, std) of the raw pixel scale each set ships in
@@ -140,29 +142,32 @@ def _holdout(x: np.ndarray, y: np.ndarray, test_fraction: float):
 
 
 def _torchvision(name: str, root: str | None, download: bool):
-    import torchvision
-
-    cls = getattr(torchvision.datasets, TORCHVISION_SETS[name])
+    """The set's files in torchvision's layout under `root` (data_root), read directly;
+    torchvision is asked only to download what is missing, when `download` allows."""
     folder = Path(root or cache_dir() / "data").expanduser()
-    try:
-        train = cls(str(folder), train=True, download=download)
-        test = cls(str(folder), train=False, download=download)
-    except (RuntimeError, OSError) as err:
-        cause = " ".join(str(err).split())[:300]
+    fix = (f"put them there (`python scripts/prepare_data.py --from DIR --to {folder}` builds "
+           "the folder from the original archives), or set data_root (or $FL_APP_DATA) to a "
+           "folder that holds them, or use the embedded dataset=mnist5k or dataset=digits.")
+    if dataset_files.missing(name, folder) and download:
+        import torchvision
+
+        cls = getattr(torchvision.datasets, TORCHVISION_SETS[name])
+        try:
+            cls(str(folder), train=True, download=True)
+            cls(str(folder), train=False, download=True)
+        except (RuntimeError, OSError) as err:
+            cause = " ".join(str(err).split())[:300]
+            raise DatasetUnavailable(
+                f"Dataset '{name}' is not in {folder} and could not be downloaded ({cause}). "
+                f"It needs torchvision's files {dataset_files.expected(name, folder)}: "
+                f"Connect to the internet once, or {fix}") from None
+    absent = dataset_files.missing(name, folder)
+    if absent:
         raise DatasetUnavailable(
-            f"Dataset '{name}' is not in {folder} and could not be downloaded ({cause}). "
-            f"Connect to the internet once, or copy torchvision's {TORCHVISION_SETS[name]} "
-            f"files under {folder} (or set dataset.root / $FL_APP_DATA to a folder that holds "
-            "them), or use the embedded dataset=mnist5k or dataset=digits."
-        ) from None
-
-    def arrays(ds):
-        data = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)
-        if data.ndim == 4:  # CIFAR ships NHWC
-            data = data.transpose(0, 3, 1, 2)
-        return data, np.asarray(ds.targets, dtype=np.int64)
-
-    return (*arrays(train), *arrays(test))
+            f"Dataset '{name}' is not in {folder}: missing {absent} of torchvision's files "
+            f"{dataset_files.expected(name, folder)}. Set dataset.download=true when online, "
+            f"or {fix}")
+    return dataset_files.read(name, folder)
 
 
 def _scaled(x: np.ndarray, shape: tuple[int, ...], mean: np.ndarray | float,

@@ -3,6 +3,7 @@ and ndarrays."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from math import prod
 
@@ -93,7 +94,9 @@ def is_small_dense(model: nn.Module) -> bool:
 
 def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
     """The state_dict as named ndarrays (copies: the model may keep training)."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    # From a GPU, .cpu() is the copy; a CPU tensor's .cpu() is the tensor itself.
+    return {k: v.detach().cpu().numpy() if v.device.type != "cpu" else v.detach().numpy().copy()
+            for k, v in model.state_dict().items()}
 
 
 def set_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
@@ -116,4 +119,10 @@ def set_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
     # (a simulated client loads the model for every message), and the arrays may be read-only
     # views of a Flower message, which torch.from_numpy warns about.
     for name, value in weights.items():
-        np.copyto(state[name].numpy(), value, casting="same_kind")
+        tensor = state[name]
+        if tensor.device.type == "cpu":
+            np.copyto(tensor.numpy(), value, casting="same_kind")
+        else:  # one host-to-device copy, straight from the (possibly read-only) array
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                tensor.copy_(torch.from_numpy(np.asarray(value)))

@@ -108,14 +108,17 @@ def staged_app(project: Path = PROJECT_ROOT) -> Iterator[Path]:
 
 def flwr_run(run_config_file: Path, num_supernodes: int, env: dict[str, str],
              project: Path = PROJECT_ROOT, superlink: str | None = None, echo: bool = True,
-             timeout: float | None = None, client_cpus: float | None = None) -> RunResult:
+             timeout: float | None = None, client_cpus: float | None = None,
+             client_gpus: float | None = None) -> RunResult:
     """`flwr run --stream` the project (its app files only), then ask the SuperLink how the
-    run ended. `client_cpus`: the simulation's CPUs per ClientApp (Flower's default is 2)."""
+    run ended. `client_cpus` / `client_gpus`: the simulation's CPUs (Flower's default is 2) and
+    GPUs (default 0) per ClientApp."""
     with staged_app(project) as app:
         cmd = ["flwr", "run", str(app)] + ([superlink] if superlink else [])
         cmd += ["--run-config", str(run_config_file), "--stream"]
         settings = [f"num-supernodes={num_supernodes}"] if num_supernodes else []
         settings += [f"client-resources-num-cpus={client_cpus:g}"] if client_cpus else []
+        settings += [f"client-resources-num-gpus={client_gpus:g}"] if client_gpus else []
         if settings:
             cmd += ["--federation-config", " ".join(settings)]
         # Not cwd=app: the local SuperLink that `flwr run` may start inherits the working

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from fl_app import checkpoint, training
+from fl_app import checkpoint, device, training
 from fl_app.config import ConfigError, compose, num_supernodes, overrides_from_run_config, to_yaml
 from fl_app.data import load_dataset
 from fl_app.models import get_weights, num_parameters, set_weights
@@ -69,21 +69,24 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
     if run_config is not None:
         (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
 
-    torch.manual_seed(cfg.seed)
-    model = instantiate(cfg.model)
+    on = device.resolve(cfg.get("device", "auto"))
+    torch.manual_seed(cfg.seed)  # initialised on the CPU: the same model on every device
+    model = instantiate(cfg.model).to(on)
     test = load_dataset(cfg.dataset)
+    x_test, y_test = test.x_test.to(on), test.y_test.to(on)  # once, not per round
     strategy = resumed.strategy if resumed else instantiate(cfg.strategy)
     if cfg.client_pool is not None:
         strategy.use_client_pool(cfg.num_clients)
     stop_rule = instantiate(cfg.stopping)
     round_logger = instantiate(cfg.logger, log_dir=str(out))
-    log(INFO, "fl_app: %s, %s (%d parameters), %s, %s partitions x %d clients, %d rounds",
-        type(strategy).__name__, type(model).__name__, num_parameters(model), cfg.dataset.name,
-        cfg.partitioner._target_.rsplit(".", 1)[-1], cfg.num_clients, cfg.num_rounds)
+    log(INFO, "fl_app: %s, %s (%d parameters), %s, %s partitions x %d clients, %d rounds, "
+        "server on %s", type(strategy).__name__, type(model).__name__, num_parameters(model),
+        cfg.dataset.name, cfg.partitioner._target_.rsplit(".", 1)[-1], cfg.num_clients,
+        cfg.num_rounds, on)
 
     def central_eval(arrays: dict[str, np.ndarray]) -> tuple[float, float]:
         set_weights(model, arrays)
-        return training.evaluate(model, test.x_test, test.y_test)
+        return training.evaluate(model, x_test, y_test)
 
     if resumed:
         weights, history, elapsed = resumed.weights, resumed.history, resumed.elapsed
@@ -124,7 +127,8 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
     log(INFO, "fl_app: stopped after round %d: %s", history[-1]["round"], stop_reason)
 
     set_weights(model, weights)
-    torch.save(model.state_dict(), out / "model.pt")
+    # CPU tensors: model.pt loads on a machine without the GPU too.
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
     summary = run_summary(history, stop_reason, elapsed + time.time() - started, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log(INFO, "fl_app: final test accuracy %.4f after %d rounds (%.1f s); outputs in %s",

@@ -28,8 +28,10 @@ def setup_torch(num_threads: int | None = None) -> None:
         torch.set_num_threads(num_threads)
 
 
-def _batches(n: int, batch_size: int | None, generator: torch.Generator):
-    order = torch.randperm(n, generator=generator)
+def _batches(n: int, batch_size: int | None, generator: torch.Generator,
+             device: torch.device | None = None):
+    # The order is drawn on the CPU: the same batches for the same seed on every device.
+    order = torch.randperm(n, generator=generator).to(device)
     step = n if not batch_size else batch_size
     for start in range(0, n, step):
         yield order[start:start + step]
@@ -97,19 +99,20 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch
     params = list(model.parameters())
     anchor = [p.detach().clone() for p in params] if mu else []
     generator = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
+    total, count = torch.zeros((), device=x.device), 0
     for _ in range(epochs):
-        total, count = 0.0, 0
-        for idx in _batches(len(y), batch_size, generator):
+        # Summed where the model is: reading a GPU loss per step would wait for every step.
+        total, count = torch.zeros((), device=x.device), 0
+        for idx in _batches(len(y), batch_size, generator, x.device):
             model.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
             if mu:
                 add_proximal_gradient(params, anchor, mu)
             sgd_step(params, lr)
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)
             count += len(idx)
-    return total / max(count, 1)
+    return total.item() / max(count, 1)
 
 
 def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
@@ -134,8 +137,11 @@ def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
     mu = check_proximal_mu(proximal_mu, lr)
     from opacus import PrivacyEngine  # imports in ~2 s: only clients that use DP-SGD pay it
 
-    def os_entropy_generator() -> torch.Generator:
-        return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    device = next(model.parameters()).device
+
+    def os_entropy_generator(on: torch.device | str = "cpu") -> torch.Generator:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+        return torch.Generator(device=on).manual_seed(seed)
 
     loader = DataLoader(TensorDataset(x, y), batch_size=min(batch_size or len(y), len(y)),
                         generator=os_entropy_generator())
@@ -151,7 +157,8 @@ def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
     hooks, optimizer, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), data_loader=loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
-        noise_generator=os_entropy_generator(), wrap_model=False)
+        # Opacus draws the noise where the gradients are, with this generator: same device.
+        noise_generator=os_entropy_generator(device), wrap_model=False)
     total, count = 0.0, 0
     # Empty Poisson batches are expected with small local sets; Opacus logs each one.
     data_loader_log = logging.getLogger("opacus.data_loader")
@@ -161,6 +168,8 @@ def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
         for _ in range(epochs):
             total, count = 0.0, 0
             for xb, yb in loader:
+                # An empty Poisson batch is made on the CPU by Opacus, whatever the data's device.
+                xb, yb = xb.to(device), yb.to(device)
                 optimizer.zero_grad(set_to_none=True)
                 # An empty Poisson batch still takes a (pure noise) step: the accountant
                 # counts every step, so skipping one would overstate the noise.
@@ -193,7 +202,7 @@ def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.train()
     model.zero_grad(set_to_none=True)
     if batch_size and batch_size < len(y):
-        idx = next(_batches(len(y), batch_size, torch.Generator().manual_seed(seed)))
+        idx = next(_batches(len(y), batch_size, torch.Generator().manual_seed(seed), x.device))
         x, y = x[idx], y[idx]
     loss = F.cross_entropy(model(x), y)
     loss.backward()
