@@ -8,7 +8,8 @@
 Parts: sim (20-client round time vs a plain PyTorch loop), startup (when the first training
 step runs, and each start-up stage), aggregate (strategies vs a NumPy weighted average, memory
 vs C), scale (1,000 and 10,000 clients), deploy (3 SuperNodes vs simulation, the round floor and
-its parts), datapath (Message → first training step), profile (py-spy of a simulation's
+its parts), datapath (Message → first training step), device (2NN and CNN round time
+in-process, CPU vs GPU where there is one), profile (py-spy of a simulation's
 processes, start-up parts alone; not in the default set).
 
 Prints one table (figure | measured | target | plain Flower, from the issue) and writes it, with
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.common import Part, Row  # noqa: E402
 
-ALL = ["sim", "startup", "aggregate", "scale", "deploy", "datapath"]
+ALL = ["sim", "startup", "aggregate", "scale", "deploy", "datapath", "device"]
 EXTRA = ["profile"]
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-ORDER = ["sim", "startup", "profile", "aggregate", "scale", "deploy", "datapath"]
+ORDER = ["sim", "startup", "profile", "aggregate", "scale", "deploy", "datapath", "device"]
 
 
 def write(out: Path, parts: dict[str, dict]) -> str:
@@ -197,6 +198,10 @@ def main() -> None:
         if "deploy" in parts:
             from bench import deploy
             attempt("deploy", lambda: deploy.run(work / "deploy", args.deploy_rounds))
+        if "device" in parts:
+            from bench import device
+            attempt("device", lambda: device.run(work / "device", args.rounds_cnn,
+                                                 args.rounds_mlp))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
