@@ -99,10 +99,12 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch
     params = list(model.parameters())
     anchor = [p.detach().clone() for p in params] if mu else []
     generator = torch.Generator().manual_seed(seed)
-    total, count = torch.zeros((), device=x.device), 0
+    # A GPU's losses are summed on the GPU: reading each one would wait for every step. On the
+    # CPU .item() costs less than the tensor arithmetic.
+    on_cpu = x.device.type == "cpu"
+    total, count = 0.0, 0
     for _ in range(epochs):
-        # Summed where the model is: reading a GPU loss per step would wait for every step.
-        total, count = torch.zeros((), device=x.device), 0
+        total, count = 0.0, 0
         for idx in _batches(len(y), batch_size, generator, x.device):
             model.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[idx]), y[idx])
@@ -110,9 +112,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch
             if mu:
                 add_proximal_gradient(params, anchor, mu)
             sgd_step(params, lr)
-            total += loss.detach() * len(idx)
+            total += loss.item() * len(idx) if on_cpu else loss.detach() * len(idx)
             count += len(idx)
-    return total.item() / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Build a data_root folder for dataset=mnist / fashion_mnist / cifar10 from files you have.
 
-    python scripts/prepare_data.py --from ~/Downloads --to ~/fl_data
-    fl-app dataset=mnist data_root=~/fl_data
+    python scripts/prepare_data.py --from $HOME/Downloads --to $HOME/fl_data
+    fl-app dataset=mnist data_root=$HOME/fl_data
 
 `--from` holds the original archives (MNIST's or Fashion-MNIST's four
 `*-ubyte.gz`, CIFAR-10's `cifar-10-python.tar.gz`), their unpacked files, or a folder

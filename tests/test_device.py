@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,16 @@ def test_a_device_that_is_no_choice_names_the_choices(setting):
     with pytest.raises(ConfigError, match=rf"device={setting} is invalid: it must be auto, cpu, "
                                           r"cuda or cuda:N"):
         compose([*SMALL, f"device={setting}"])
+
+
+def test_fl_app_with_a_gpu_it_does_not_have_stops_in_one_line(tmp_path):
+    fl_app = str(Path(sys.executable).parent / "fl-app")
+    proc = subprocess.run([fl_app, *SMALL, "device=cuda:99", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"fl-app: error: device=cuda:99 is invalid: this machine "
+                                  f"({socket.gethostname()}) has ")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stdout + proc.stderr
 
 
 def test_a_supernode_without_a_gpu_refuses_device_cuda_with_its_host_name(gpus):
@@ -155,7 +167,8 @@ def _rows(out: Path) -> list[dict]:
 
 def _record_devices(monkeypatch) -> dict[str, set[str]]:
     """Wrap the training and evaluation loops to note where model and data were."""
-    seen: dict[str, set[str]] = {"train": set(), "evaluate": set()}
+    seen: dict[str, set] = {"train": set(), "evaluate": set(), "train_data": set(),
+                            "train_calls": set()}
 
     def wrap(name: str):
         real = getattr(training, name)
@@ -163,6 +176,9 @@ def _record_devices(monkeypatch) -> dict[str, set[str]]:
         def recorded(model, x, y, *args, **kwargs):
             seen[name].add(f"{next(model.parameters()).device.type}/{x.device.type}/"
                            f"{y.device.type}")
+            if name == "train":  # which tensors the loop was handed, and how often
+                seen["train_data"].add((x.data_ptr(), y.data_ptr()))
+                seen["train_calls"].add(len(seen["train_calls"]))
             return real(model, x, y, *args, **kwargs)
         monkeypatch.setattr(training, name, recorded)
 
@@ -177,7 +193,9 @@ def test_device_cpu_runs_end_to_end_in_process_and_learns(tmp_path, monkeypatch)
     rows = _rows(tmp_path)
     assert rows[-1]["test_loss"] < rows[0]["test_loss"]
     assert summary["test_accuracy"] > 0.6  # chance: 0.1
-    assert seen == {"train": {"cpu/cpu/cpu"}, "evaluate": {"cpu/cpu/cpu"}}
+    assert seen["train"] == {"cpu/cpu/cpu"} and seen["evaluate"] == {"cpu/cpu/cpu"}
+    # 4 clients x 3 rounds trained on 4 sets of tensors: built and moved once, then kept.
+    assert len(seen["train_calls"]) == 12 and len(seen["train_data"]) == 4
     saved = torch.load(tmp_path / "model.pt")
     assert all(t.device.type == "cpu" for t in saved.values())
 
@@ -200,7 +218,9 @@ def test_the_same_run_on_cuda_ends_within_noise_of_the_cpu_run_with_the_model_on
                                     f"output_dir={tmp_path / name}"])
         monkeypatch.undo()
         runs[name]["seen"] = seen
-    assert runs["cuda"]["seen"] == {"train": {"cuda/cuda/cuda"}, "evaluate": {"cuda/cuda/cuda"}}
+    seen = runs["cuda"]["seen"]
+    assert seen["train"] == {"cuda/cuda/cuda"} and seen["evaluate"] == {"cuda/cuda/cuda"}
+    assert len(seen["train_calls"]) == 20 and len(seen["train_data"]) == 4  # kept on the GPU
     # Same initial model and batch order on both; only floating-point summation order differs.
     assert runs["cpu"]["test_accuracy"] > 0.6
     assert abs(runs["cuda"]["test_accuracy"] - runs["cpu"]["test_accuracy"]) <= 0.02
