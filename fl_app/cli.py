@@ -15,7 +15,7 @@ import os
 import shlex
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import hydra
@@ -152,7 +152,54 @@ def _resumed_run(folder: Path, overrides: list[str]) -> tuple[Path, dict, int]:
     return folder, run_config, num_supernodes(OmegaConf.load(folder / "config.yaml"))
 
 
+def honour_output_dir(argv: Sequence[str]) -> list[str]:
+    """`argv` with `output_dir=DIR` made the job's own folder (`hydra.run.dir=DIR`), so that
+    every file of the run, Hydra's included, lands where the user said. fl-app otherwise puts a
+    run in Hydra's folder, and would drop the setting in silence; where it cannot be honoured
+    (a sweep, a resumed run elsewhere, a second folder given) this raises ConfigError saying
+    which setting to use instead."""
+    given = {o.key_or_group: o for o in _overrides(argv)}
+    wanted = given.get("output_dir")
+    if wanted is None or wanted.value() is None:
+        return list(argv)
+    if wanted.is_sweep_override() or any(a in ("-m", "--multirun") for a in argv):
+        raise ConfigError("output_dir= names one folder, but a -m sweep runs several jobs: use "
+                          "hydra.sweep.dir=DIR instead (job k then writes DIR/k-<its overrides>).")
+    folder = Path(str(wanted.value())).expanduser().resolve()
+    resume = given.get("resume")
+    if resume is not None and resume.value() is not None:
+        if Path(str(resume.value())).expanduser().resolve() != folder:
+            raise ConfigError(f"resume= goes on in the run's own folder ({resume.value()}); "
+                              "output_dir= cannot move it: drop output_dir=, or copy the folder "
+                              "and resume the copy.")
+        return list(argv)
+    run_dir = given.get("hydra.run.dir")
+    if run_dir is not None:
+        if Path(str(run_dir.value())).expanduser().resolve() != folder:
+            raise ConfigError("output_dir= and hydra.run.dir= name different folders: give one.")
+        return list(argv)
+    escaped = str(folder).replace("\\", "\\\\").replace("'", "\\'")
+    return [*argv, f"hydra.run.dir='{escaped}'"]
+
+
+def _overrides(argv: Sequence[str]) -> list:
+    """The Hydra overrides among `argv` (not its flags), parsed as Hydra parses them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    candidates = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        return OverridesParser.create().parse_overrides(candidates)
+    except HydraException:
+        return []  # Hydra itself reports the malformed override, in its own words
+
+
 def main() -> None:
+    try:
+        sys.argv[1:] = honour_output_dir(sys.argv[1:])
+    except ConfigError as err:
+        print(f"fl-app: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
     simulate()
 
 

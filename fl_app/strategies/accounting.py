@@ -11,6 +11,7 @@ clients whose update norm was <= C. Both are Gaussian mechanisms on the same sam
 together they are one Gaussian mechanism whose noise multiplier `combined_noise_multiplier` gives;
 `update_noise_multiplier` inverts that to keep the accounted multiplier at the configured one.
 Local DP (`fl_app.privacy.LocalDP`) reuses `epsilon_spent` with q = 1 for each client's releases.
+`check_budget` refuses the round that would take epsilon past a budget (`max_epsilon`).
 """
 
 import logging
@@ -18,6 +19,10 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """The next round would push epsilon past `max_epsilon`; the server should stop here."""
 
 
 def _check_inputs(noise_multiplier: float, sample_rate: float, delta: float) -> None:
@@ -97,6 +102,24 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, rounds: int, delt
     if rounds == 0:
         return 0.0
     return _epsilon(float(noise_multiplier), float(sample_rate), int(rounds), float(delta))
+
+
+def check_budget(noise_multiplier: float, sample_rate: float, delta: float, max_epsilon: float,
+                 rounds_done: int, num_clients: int) -> None:
+    """Raise PrivacyBudgetExhausted, saying what would allow more rounds, when one more round
+    after `rounds_done` would take epsilon above `max_epsilon`."""
+    next_epsilon = epsilon_spent(noise_multiplier, sample_rate, rounds_done + 1, delta)
+    if next_epsilon > max_epsilon:
+        epsilon = epsilon_spent(noise_multiplier, sample_rate, rounds_done, delta)
+        raise PrivacyBudgetExhausted(
+            f"Privacy budget exhausted after {rounds_done} round(s): epsilon is "
+            f"{epsilon:.4g} now and would be {next_epsilon:.4g} after round "
+            f"{rounds_done + 1}, above max_epsilon = {max_epsilon:g} "
+            f"(delta = {delta:g}). For more rounds within the budget raise "
+            f"noise_multiplier (now {noise_multiplier:g}), lower the sampling "
+            f"fraction fraction_train (now {sample_rate:g}), train with more "
+            f"clients (num_clients, now {num_clients}), or raise max_epsilon."
+        )
 
 
 def rounds_within_budget(

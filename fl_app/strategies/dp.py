@@ -20,7 +20,6 @@ released from it (the global models). The aggregated client metrics it logs (tra
 are not noised and are not covered by the guarantee.
 """
 
-import math
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -30,27 +29,30 @@ from flwr.common.logger import log
 from flwr.serverapp.grid import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_app.strategies.accounting import epsilon_spent, update_noise_multiplier
+from fl_app.strategies.accounting import (
+    PrivacyBudgetExhausted,
+    check_budget,
+    epsilon_spent,
+    update_noise_multiplier,
+)
 from fl_app.strategies.adaptive_clipping import QuantileClipNorm
-from fl_app.strategies.averaging import axpy, update_and_squared_norm
-from fl_app.strategies.base import MetricAverager, SampledStrategy
+from fl_app.strategies.base import SampledStrategy
+from fl_app.strategies.dp_clipping import CLIPPING_MODES, add_clipped_updates, clip_scale
+from fl_app.strategies.dp_noise import PresampledNoise
+from fl_app.strategies.dp_settings import checked_settings
+from fl_app.strategies.metrics import MetricAverager
+from fl_app.strategies.sampling import poisson_sample
+
+# PrivacyBudgetExhausted, clip_scale, CLIPPING_MODES: importable from here, where they were
+# defined before the split.
+__all__ = ["CLIPPING_MODES", "DPNoise", "PrivacyBudgetExhausted", "clip_scale"]
 
 _ROUNDS_DONE = "dp.rounds-done"
 _CLIP_NORM = "dp.clip-norm"
-CLIPPING_MODES = ("fixed", "adaptive")
 _INNER = "inner."
 
 
-class PrivacyBudgetExhausted(RuntimeError):
-    """The next round would push epsilon past `max_epsilon`; the server should stop here."""
-
-
-def clip_scale(norm: float, clip_norm: float) -> float:
-    """min(1, C / ||u||): the factor that brings an update of L2 norm `norm` within C."""
-    return 1.0 if norm <= clip_norm else clip_norm / norm
-
-
-class DPNoise(Strategy):
+class DPNoise(PresampledNoise, Strategy):
     """User-level central DP with fixed or adaptive clipping and Poisson sampling.
 
     Parameters
@@ -74,9 +76,6 @@ class DPNoise(Strategy):
         clients; default max(m / 20, sigma) with m = q * num_clients (Andrew et al.: m / 20).
     """
 
-    # Class-level too, so that a strategy checkpointed by an earlier version resumes.
-    _next_start = None
-
     def __init__(
         self,
         strategy: SampledStrategy,
@@ -91,50 +90,8 @@ class DPNoise(Strategy):
         clip_lr: float = 0.2,
         clipped_count_stddev: float | None = None,
     ) -> None:
-        if not isinstance(strategy, SampledStrategy):
-            raise TypeError(
-                f"DPNoise wraps an fl_app SampledStrategy (WeightedFedAvg or GradientAveraging), "
-                f"got {type(strategy).__name__}: it needs update_offset/apply_update."
-            )
-        if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1:
-            raise ValueError(
-                f"num_clients must be a positive integer (the number of clients sampled from), "
-                f"got {num_clients!r}. Set it to the number of SuperNodes / partitions."
-            )
-        num_clients = int(num_clients)
-        if not math.isfinite(clip_norm) or clip_norm <= 0:
-            raise ValueError(
-                f"clip_norm must be a positive finite number, got {clip_norm!r}. It bounds each "
-                "client's update norm; pick it near the typical update norm (e.g. 0.1 - 1.0)."
-            )
-        if not math.isfinite(noise_multiplier) or noise_multiplier <= 0:
-            raise ValueError(
-                f"noise_multiplier must be a positive finite number, got {noise_multiplier!r}. "
-                "Without noise there is no privacy; use e.g. 1.0 (more noise, smaller epsilon)."
-            )
-        if delta is None:
-            delta = 1.0 / (10 * num_clients)
-        if not 0 < delta < 1:
-            raise ValueError(
-                f"delta must be strictly between 0 and 1, got {delta!r}. Leave it unset for "
-                f"the default 1/(10*num_clients) = {1.0 / (10 * num_clients):g}."
-            )
-        if delta >= 1.0 / num_clients:
-            raise ValueError(
-                f"delta = {delta:g} is >= 1/num_clients = {1.0 / num_clients:g}: a mechanism "
-                "that publishes one client's data outright would satisfy that. Use a delta "
-                f"well below 1/num_clients, e.g. {1.0 / (10 * num_clients):g} (the default)."
-            )
-        if max_epsilon is not None and (not math.isfinite(max_epsilon) or max_epsilon <= 0):
-            raise ValueError(
-                f"max_epsilon must be a positive finite number or None (no budget), "
-                f"got {max_epsilon!r}."
-            )
-        if not 0 < strategy.fraction_train <= 1:
-            raise ValueError(
-                f"fraction_train of the wrapped strategy is the client sampling rate q and must "
-                f"be in (0, 1], got {strategy.fraction_train!r}."
-            )
+        num_clients, delta = checked_settings(strategy, clip_norm, noise_multiplier,
+                                              num_clients, delta, max_epsilon)
         # Clients form their own update (a FedAvg client its delta), so the server only clips
         # and sums: a round's critical path reads each reply twice instead of three times.
         strategy.reply_with_updates()
@@ -142,15 +99,13 @@ class DPNoise(Strategy):
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.num_clients = num_clients
-        self.delta = float(delta)
+        self.delta = delta
         self.max_epsilon = None if max_epsilon is None else float(max_epsilon)
         self.sample_rate = float(strategy.fraction_train)
         self.rounds_done = 0
         self.epsilon = 0.0
         self._noise_rng = np.random.default_rng(noise_seed)
-        # Where the next release's sum starts, made while the clients train (see _sum_start):
-        # (round, C, global model's id, step a, buffer).
-        self._next_start: tuple[int, float, int, float | None, dict[str, np.ndarray]] | None = None
+        self._next_start = None  # see PresampledNoise
         if clipping not in CLIPPING_MODES:
             raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}.")
         self.clipping = clipping
@@ -193,68 +148,20 @@ class DPNoise(Strategy):
     ) -> Iterable[Message]:
         """Check the budget, then Poisson-sample clients and send them the global model."""
         if self.max_epsilon is not None:
-            next_epsilon = self._epsilon_after(self.rounds_done + 1)
-            if next_epsilon > self.max_epsilon:
-                raise PrivacyBudgetExhausted(
-                    f"Privacy budget exhausted after {self.rounds_done} round(s): epsilon is "
-                    f"{self.epsilon:.4g} now and would be {next_epsilon:.4g} after round "
-                    f"{server_round}, above max_epsilon = {self.max_epsilon:g} "
-                    f"(delta = {self.delta:g}). For more rounds within the budget raise "
-                    f"noise_multiplier (now {self.noise_multiplier:g}), lower the sampling "
-                    f"fraction fraction_train (now {self.sample_rate:g}), train with more "
-                    f"clients (num_clients, now {self.num_clients}), or raise max_epsilon."
-                )
+            check_budget(self.noise_multiplier, self.sample_rate, self.delta, self.max_epsilon,
+                         self.rounds_done, self.num_clients)
         # The connected nodes, or with a client pool the population's client ids.
         candidates = self.inner.candidates(grid, self.inner.min_available_nodes)
         if len(candidates) != self.num_clients:
             log(WARNING, "DP: %d clients can be sampled but num_clients = %d; the privacy "
                 "accounting and the noise scale assume %d.", len(candidates), self.num_clients,
                 self.num_clients)
-        # Poisson sampling, as the accountant assumes: each client in with probability q,
-        # independently; the cohort size varies from round to round and may be zero.
-        rng = np.random.default_rng([self.inner.seed, server_round])
-        chosen = [n for n, u in zip(candidates, rng.random(len(candidates)), strict=True)
-                  if u < self.sample_rate]
+        chosen = poisson_sample(candidates, self.sample_rate, self.inner.seed, server_round)
         log(INFO, "configure_train (DP): Poisson-sampled %d of %d clients (q = %g)",
             len(chosen), len(candidates), self.sample_rate)
         messages = self.inner.build_train_messages(server_round, arrays, config, chosen)
-        # Drawing N(0, sigma² C²) for every parameter takes as long as averaging ~20 CNN
-        # replies; the server is idle until the replies come, so it is drawn now. Same
-        # generator, same order: the released model is what drawing it later would give.
-        self._next_start = (server_round, self.clip_norm, id(self.inner.current),
-                            *self._sum_start(self.clip_norm))
+        self.presample_noise(server_round)  # while the clients train (dp_noise.py)
         return messages
-
-    def _draw_noise(self, clip: float) -> dict[str, np.ndarray]:
-        """N(0, (sigma_u C)²) / m for every parameter, in the model's float dtypes."""
-        std = self.update_noise_multiplier * clip
-        noise = {}
-        for key, weights in self.inner.current.items():
-            draw = self._noise_rng.normal(0.0, std, size=weights.shape)
-            draw /= self.expected_clients
-            noise[key] = draw.astype(weights.dtype, copy=False)
-        return noise
-
-    def _sum_start(self, clip: float) -> tuple[float | None, dict[str, np.ndarray]]:
-        """(a, the buffer the round's sum starts from): W + a·noise/m when the inner
-        strategy's step is W + a·u, so the sum is the new model and applying it costs no pass
-        after the replies; (None, noise/m) otherwise. Adding the updates to W rather than to a
-        sum of their own rounds each to W's float32 spacing (~4e-9 for weights near 0.05), far
-        below the noise's std."""
-        noise = self._draw_noise(clip)
-        step = self.inner.update_step()
-        if step is not None:
-            for key, weights in self.inner.current.items():
-                noise[key] *= step
-                noise[key] += weights
-        return step, noise
-
-    def _take_sum_start(self, server_round: int,
-                        clip: float) -> tuple[float | None, dict[str, np.ndarray]]:
-        pending, self._next_start = self._next_start, None
-        if pending is not None and pending[:3] == (server_round, clip, id(self.inner.current)):
-            return pending[3], pending[4]
-        return self._sum_start(clip)  # aggregate_train called without configure_train
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -265,34 +172,18 @@ class DPNoise(Strategy):
         in the accounting, and skipping it would reveal that nobody took part. With adaptive
         clipping the noised fraction of unclipped updates then moves C for the next round.
         """
-        current = self.inner.current
-        if current is None:
+        if self.inner.current is None:
             raise RuntimeError("DPNoise.aggregate_train called before configure_train.")
         clip = self.clip_norm  # this round's C (adaptive clipping changes it afterwards)
-        offset = self.inner.update_offset()  # update = reply - offset
         # The sum starts from this round's noise (drawn while the clients trained, used once),
         # and from W too where the step allows: no zero-filled buffer and no extra pass to add
         # the noise, or to apply the sum, afterwards.
         step, total = self._take_sum_start(server_round, clip)
-        weight = (1.0 if step is None else step) / self.expected_clients
         averager = MetricAverager(self.inner.client_epsilon_max)
-        # Each update's norm is taken in one pass, chunk by chunk; then a·s_i / m times it is
-        # added to the sum while it is still in cache. Replies of weights (a strategy resumed
-        # from an older checkpoint) are first turned into updates in one reused scratch buffer.
-        # Memory: the sum (and the scratch), whatever the number of replies.
-        scratch = {} if offset is None else {k: np.empty_like(v) for k, v in current.items()}
-        num_clipped = 0
-        for msg, arrays, num_examples, metrics in self.inner.screen(
-                server_round, replies, check_values=False):
-            update, squared = update_and_squared_norm(arrays, offset, scratch)
-            if not math.isfinite(squared):  # NaN or Inf in the reply: it cannot be clipped
-                self.inner.drop(server_round, msg, "its update contains NaN or Inf")
-                continue
-            scale = clip_scale(math.sqrt(squared), clip)
-            num_clipped += int(scale < 1.0)
-            for key, acc in total.items():
-                axpy(acc, scale * weight, update[key])
-            averager.add(num_examples, metrics)
+        num_clipped = add_clipped_updates(
+            self.inner, server_round, replies, total,
+            weight=(1.0 if step is None else step) / self.expected_clients, clip=clip,
+            averager=averager)
 
         new_global = (self.inner.apply_update(total) if step is None
                       else self.inner.commit(total))

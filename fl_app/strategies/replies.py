@@ -1,0 +1,74 @@
+"""Reply checks: whether a client's train reply can be averaged against the global model.
+
+Anything a client sends (an error, no arrays, NaN, a wrong shape or name, a bad num-examples)
+is turned into a `BadReply` that says why, so the strategy drops that reply and the round goes on.
+"""
+
+import math
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from fl_app.records import array_views
+from fl_app.strategies.averaging import all_finite
+from fl_app.strategies.metrics import NUM_EXAMPLES, positive_count
+
+# The dtype kinds a reply's arrays may have: signed and unsigned integers, floats (real numbers:
+# no bool, complex, datetime or object).
+_REAL_KINDS = frozenset("iuf")
+
+
+class BadReply(ValueError):
+    """A client reply that cannot be aggregated; the message is the reason."""
+
+
+def check_reply(msg: Message, reference: dict[str, np.ndarray], check_values: bool = True
+                ) -> tuple[dict[str, np.ndarray], float, MetricRecord]:
+    """(arrays, num_examples, metrics) of a train reply that can be aggregated against the
+    global model `reference` (same names and shapes); raise BadReply saying why otherwise.
+
+    `check_values=False` skips the pass over the values (NaN / Inf) for a caller that finds
+    them another way: in the sum of all replies, or in the reply's norm."""
+    if msg.has_error():
+        raise BadReply(f"error reply: {msg.error.reason}")
+    if not msg.has_content():
+        raise BadReply("reply has no content")
+    record = msg.content.get("arrays")
+    if not isinstance(record, ArrayRecord):
+        raise BadReply("no 'arrays' ArrayRecord")
+    metrics = msg.content.get("metrics")
+    if not isinstance(metrics, MetricRecord):
+        raise BadReply("no 'metrics' MetricRecord")
+    if NUM_EXAMPLES not in metrics:
+        raise BadReply(f"metrics lack '{NUM_EXAMPLES}'")
+    num_examples = metrics[NUM_EXAMPLES]
+    if not positive_count(num_examples):
+        raise BadReply(f"'{NUM_EXAMPLES}' must be a positive number, got {num_examples!r}")
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(math.isfinite(v) for v in values):
+            raise BadReply(f"metric '{key}' is not finite ({value!r})")
+
+    missing, extra = sorted(set(reference) - set(record)), sorted(set(record) - set(reference))
+    if missing or extra:
+        raise BadReply(f"array names differ (missing {missing}, unexpected {extra})")
+    for key, array in record.items():
+        # Checked before decoding, so a huge wrong-shaped reply costs nothing.
+        if tuple(array.shape) != reference[key].shape:
+            raise BadReply(
+                f"'{key}' has shape {tuple(array.shape)}, expected {reference[key].shape}"
+            )
+    arrays = array_views(record)  # read-only views: replies are never copied
+    for key, array in arrays.items():
+        if array.dtype.kind not in _REAL_KINDS:
+            raise BadReply(f"'{key}' has non-numeric dtype {array.dtype}")
+    if check_values:
+        bad = non_finite_array(arrays)
+        if bad is not None:
+            raise BadReply(f"'{bad}' contains NaN or Inf")
+    return arrays, float(num_examples), metrics
+
+
+def non_finite_array(arrays: dict[str, np.ndarray]) -> str | None:
+    """The name of the first array holding NaN or Inf; None if all values are finite."""
+    return next((key for key, array in arrays.items() if not all_finite(array)), None)

@@ -1,0 +1,135 @@
+"""A round's train replies screened and averaged into the new global model, one reply at a time.
+
+`ReplyAveraging` is a part of `SampledStrategy` (base.py): it reads the strategy's global model
+(`_require_current`), `weighted` and `client_epsilon_max`, and hands the mean to
+`global_from_mean_reply`. A bad reply is dropped and logged, never averaged in and never
+allowed to crash the round; replies are summed into preallocated buffers, so server memory does
+not grow with the number of clients.
+"""
+
+from collections.abc import Iterable, Iterator, Sequence
+from logging import WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
+
+from fl_app.strategies.averaging import axpy, weighted_sum
+from fl_app.strategies.metrics import MetricAverager
+from fl_app.strategies.replies import BadReply, check_reply, non_finite_array
+
+
+def _all_finite(arrays: dict[str, np.ndarray]) -> bool:
+    return non_finite_array(arrays) is None
+
+
+class ReplyAveraging:
+    """`aggregate_train` of fl_app's strategies, and the reply screening DP reuses."""
+
+    def screen(
+        self, server_round: int, replies: Iterable[Message], check_values: bool = True
+    ) -> Iterator[tuple[Message, dict[str, np.ndarray], float, MetricRecord]]:
+        """Yield (reply, arrays, num_examples, metrics) of each usable reply, one at a time.
+
+        Unusable replies are logged at WARNING with node id and reason and recorded in
+        `self.last_dropped`; nothing a client sends can make this raise. With
+        `check_values=False` the values are not checked for NaN / Inf (see `check_reply`).
+        """
+        self.last_dropped = []
+        reference = self._require_current()  # no global model is a server bug: let it raise
+        for msg in replies:
+            try:
+                arrays, num_examples, metrics = check_reply(msg, reference, check_values)
+            except BadReply as exc:
+                self.drop(server_round, msg, str(exc))
+            except Exception as exc:  # noqa: BLE001 - a malformed reply must not end the run
+                self.drop(server_round, msg, f"unreadable reply ({type(exc).__name__}: {exc})")
+            else:
+                yield msg, arrays, num_examples, metrics
+
+    def drop(self, server_round: int, msg: Message, reason: str) -> None:
+        """Leave a reply out of the round: log why and record it in `last_dropped`."""
+        node_id = msg.metadata.src_node_id
+        self.last_dropped.append(f"node {node_id}: {reason}")
+        log(WARNING, "Round %s: dropping reply from node %s: %s", server_round, node_id, reason)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the usable replies (weighted by num-examples or uniformly) into a new model.
+
+        With no usable reply the global model stays as it is and the ArrayRecord is None.
+        """
+        averager = MetricAverager(self.client_epsilon_max)
+        if isinstance(replies, Sequence):
+            mean, finite = self._mean_of_sequence(server_round, replies, averager)
+        else:
+            mean = self._mean_of_stream(server_round, replies, averager)
+            finite = mean is None or _all_finite(mean)
+
+        metrics_out = averager.record()
+        metrics_out["num-dropped"] = len(self.last_dropped)
+        if mean is None:
+            log(WARNING, "Round %s: no usable reply (%d dropped); global model unchanged.",
+                server_round, len(self.last_dropped))
+            return None, metrics_out
+        if not finite:
+            log(WARNING, "Round %s: the average of %d finite replies overflows %s; global model "
+                "unchanged. Lower the learning rate or clip the clients' updates.",
+                server_round, averager.num_clients, next(iter(mean.values())).dtype)
+            return None, metrics_out
+        return self.to_record(self.global_from_mean_reply(mean)), metrics_out
+
+    def _weight(self, num_examples: float) -> float:
+        return num_examples if self.weighted else 1.0
+
+    def _mean_of_sequence(self, server_round: int, replies: Sequence[Message],
+                          averager: MetricAverager) -> tuple[dict[str, np.ndarray] | None, bool]:
+        """The mean when the replies are all at hand (what Flower's grids return): each reply is
+        read once, into the sum, and NaN / Inf is looked for in the sum only. Only when the sum
+        is not finite is each reply checked, the broken ones dropped and the mean taken again.
+        Returns the mean and whether it is finite (it may still overflow).
+        """
+        kept = list(self.screen(server_round, replies, check_values=False))
+        mean = self._weighted_mean(kept)
+        finite = mean is None or _all_finite(mean)
+        if not finite:
+            checked = []
+            for msg, arrays, num_examples, metrics in kept:
+                bad = non_finite_array(arrays)
+                if bad is None:
+                    checked.append((msg, arrays, num_examples, metrics))
+                else:
+                    self.drop(server_round, msg, f"'{bad}' contains NaN or Inf")
+            kept = checked
+            mean = self._weighted_mean(kept)
+            finite = mean is None or _all_finite(mean)
+        for _, _, num_examples, metrics in kept:
+            averager.add(num_examples, metrics)
+        return mean, finite
+
+    def _weighted_mean(self, kept: list) -> dict[str, np.ndarray] | None:
+        if not kept:
+            return None
+        weights = [self._weight(num_examples) for _, _, num_examples, _ in kept]
+        total = sum(weights)
+        return weighted_sum(self._require_current(), [arrays for _, arrays, _, _ in kept],
+                            [w / total for w in weights])
+
+    def _mean_of_stream(self, server_round: int, replies: Iterable[Message],
+                        averager: MetricAverager) -> dict[str, np.ndarray] | None:
+        """The mean of replies that arrive one at a time: each is checked, then added to
+        preallocated sums and let go, so memory does not grow with their number."""
+        sums = {k: np.zeros_like(v) for k, v in self._require_current().items()}
+        total_weight = 0.0
+        for _, arrays, num_examples, metrics in self.screen(server_round, replies):
+            weight = self._weight(num_examples)
+            for key, acc in sums.items():
+                axpy(acc, weight, arrays[key])
+            total_weight += weight
+            averager.add(num_examples, metrics)
+        if averager.num_clients == 0:
+            return None
+        for acc in sums.values():
+            acc /= total_weight
+        return sums
