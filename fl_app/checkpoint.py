@@ -21,9 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from fl_app.config import ConfigError
 
 CHECKPOINT = "checkpoint.pkl"
-# Settings a resumed run may change: where and how long it runs, not what it computes.
+# Settings a resumed run may change: where and how long it runs, not what it computes (a run
+# may go on on another device, reading the same files from another folder).
 MAY_DIFFER = ("resume", "output_dir", "num_rounds", "stopping", "logger", "checkpoints",
-              "node_wait_timeout", "round_timeout")
+              "node_wait_timeout", "round_timeout", "device", "client_gpus", "data_root",
+              "dataset.root")
 
 
 @dataclass
@@ -97,7 +99,8 @@ def _require_checkpoint(folder: Path) -> Path:
 
 def _comparable(cfg: DictConfig) -> dict[str, object]:
     flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {k: v for k, v in flat.items() if k.split(".")[0] not in MAY_DIFFER}
+    return {k: v for k, v in flat.items()
+            if k.split(".")[0] not in MAY_DIFFER and k not in MAY_DIFFER}
 
 
 def _flatten(tree: object, prefix: str = "") -> dict[str, object]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from fl_app import client_core, device, inprocess, runner, training
+from fl_app import checkpoint, client_core, device, inprocess, runner, training
 from fl_app.cli import client_resources
 from fl_app.config import ConfigError, check, compose
 from fl_app.models import get_weights
@@ -198,6 +198,11 @@ def test_device_cpu_runs_end_to_end_in_process_and_learns(tmp_path, monkeypatch)
     assert len(seen["train_calls"]) == 12 and len(seen["train_data"]) == 4
     saved = torch.load(tmp_path / "model.pt")
     assert all(t.device.type == "cpu" for t in saved.values())
+    # A run may go on elsewhere: on another device, with its files in another folder.
+    checkpoint.check_resumable(tmp_path, compose([*SMALL, "device=auto", "data_root=/elsewhere",
+                                                  "client_gpus=0.5", f"resume={tmp_path}"]))
+    with pytest.raises(ConfigError, match="lr: run 0.1 vs now 0.2"):
+        checkpoint.check_resumable(tmp_path, compose([*SMALL, "lr=0.2", f"resume={tmp_path}"]))
 
 
 def test_device_auto_without_a_gpu_is_the_cpu_run_exactly(tmp_path, gpus):
