@@ -1,11 +1,18 @@
-"""Fixtures for end-to-end runs: an isolated FLWR_HOME whose local SuperLink is stopped by PID."""
+"""Fixtures for end-to-end runs: an isolated FLWR_HOME whose local SuperLink is stopped by PID;
+runs train on the CPU unless a test names its device."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from fl_app.processes import pids_with_cmdline, stop
 from fl_app.runner import local_superlink_env
+
+# Expected values in the tests were computed on the CPU; on a machine with a GPU, device=auto
+# would train there and differ in the last digits. Tests of the GPU path name device= themselves.
+os.environ.setdefault("FL_APP_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

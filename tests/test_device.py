@@ -41,6 +41,17 @@ def test_auto_is_cuda_where_torch_sees_a_gpu_else_the_cpu(gpus):
     assert device.resolve("auto") == torch.device("cuda")
 
 
+def test_fl_app_device_sets_the_default_device(gpus, monkeypatch):
+    gpus(0)
+    monkeypatch.delenv("FL_APP_DEVICE")  # conftest's: the suite's expected values are the CPU's
+    assert compose(SMALL).device == "auto"
+    monkeypatch.setenv("FL_APP_DEVICE", "cuda:7")
+    cfg = compose(SMALL)
+    assert cfg.device == "cuda:7" and compose([*SMALL, "device=cpu"]).device == "cpu"
+    with pytest.raises(ConfigError, match="device=cuda:7 is invalid: this machine"):
+        device.resolve(cfg.device)  # also where it is used, whatever composed the config
+
+
 def test_cpu_and_auto_need_no_gpu_and_cuda_n_names_that_gpu(gpus):
     gpus(0)
     assert device.problem("cpu") is None and device.problem("auto") is None
@@ -129,7 +140,7 @@ def test_a_negative_or_non_numeric_client_gpus_is_refused(value):
 
 def test_fl_app_passes_the_gpu_share_to_flowers_federation_config(gpus, monkeypatch, tmp_path):
     gpus(1)
-    cfg = compose(SMALL)
+    cfg = compose([*SMALL, "device=auto"])
     assert client_resources(cfg) == {"client_cpus": 1, "client_gpus": 0.1}
     cfg.client_gpus = 0.5
     assert client_resources(cfg) == {"client_cpus": 1, "client_gpus": 0.5}
