@@ -1,5 +1,6 @@
 """A real federation over TLS with SuperNode authentication: a SuperLink and 3 SuperNodes as
-separate processes on loopback, each SuperNode holding only its own partition."""
+separate processes on loopback, each SuperNode holding only its own partition and served by
+its fl-app-executor (LocalFederation's default)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from fl_app.processes import alive
 from fl_app.runner import toml_run_config
 
 pytestmark = pytest.mark.e2e
-# Flower-supported settings: poll for work every 0.1 s instead of 1 s, and one torch thread per
-# ClientApp so three of them do not oversubscribe two cores (measured effect: small; README).
+# As scripts/local_federation.py runs it: one torch thread per process (three SuperNodes share
+# two cores), and a 0.1 s poll for a SuperNode whose ClientApps Flower's SuperExec starts.
 FAST = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "OMP_NUM_THREADS": "1"}
 
 
