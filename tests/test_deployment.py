@@ -5,6 +5,7 @@ its fl-app-executor (LocalFederation's default)."""
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import threading
 import time
@@ -94,6 +95,10 @@ def test_each_strategy_completes_over_tls_and_learns(federation, tmp_path, strat
     assert [r["sampled"] for r in rows] == [3, 3] and all(not r["lost_nodes"] for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] > 0.3  # chance: 0.1; the initial model scores ~0.11
+    # Every SuperNode's tasks ran in its fl-app-executor (no process per message).
+    for i in range(3):
+        log = (federation.logs / f"executor-{i}.log").read_text()
+        assert re.search(r"fl-app-executor: task \d+ completed", log), f"executor-{i}: {log}"
 
 
 def test_killed_supernode_is_survived_logged_and_its_restart_rejoins(federation, tmp_path):
