@@ -2,8 +2,8 @@
 evaluate message becomes for it (`handle`).
 
 This is the heavy half of the ClientApp (torch, the model, the data). `fl_app.client_app` runs
-it in the process that received the message, or hands the message to a persistent worker
-process that keeps it loaded (`fl_app.client_worker`).
+it in the process that received the message: a simulation actor, a SuperNode's
+`fl-app-executor` (both keep it loaded across messages), or Flower's per-message process.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def build_client(cfg: DictConfig, partition_id: int, num_partitions: int,
 @lru_cache(maxsize=32)
 def _cached_client(run_id: int, run_config: tuple, partition_id: int, num_partitions: int | None,
                    data_dir: str | None) -> TorchClient:
-    # Keyed by run too: a client worker serves a SuperNode's every run, and one run's client
+    # Keyed by run too: an fl-app-executor serves a SuperNode's every run, and one run's client
     # (its DP-SGD or local-DP accounting) must not carry into the next.
     # num_partitions None: a pool client, one of the config's num_clients.
     training.setup_torch()
@@ -166,7 +166,7 @@ _process_threads: list[int] = []  # torch's thread count before any client set i
 def _threads_for(model: torch.nn.Module) -> int:
     """FL_APP_TORCH_THREADS if set; else 1 for a small dense model (see
     models.is_small_dense); else what the process had (torch's default, Ray's share for an
-    actor, a client worker's share of the host)."""
+    actor, an fl-app-executor's share of the host: processes.share_cores)."""
     override = int(os.environ.get("FL_APP_TORCH_THREADS", "0"))
     if override > 0:
         return override

@@ -59,7 +59,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from fl_app.processes import share_cores
+from fl_app.processes import executors
 
 # An idle executor asks for a task this often: one small local HTTP call (flower-superexec's
 # default is 1 s). 0.05 s measured no slower than 0.25 s, with three executors on 2 cores.
@@ -170,6 +170,22 @@ class Executor:
 
             share_cores(torch)
         return self.app
+
+
+def share_cores(torch) -> int:
+    """Train with this machine's cores divided among its fl-app-executors (this one among
+    them), unless FL_APP_TORCH_THREADS says otherwise; return the thread count.
+
+    Several SuperNodes on one machine (a test federation, a lab box) each with torch's default
+    of one thread per core oversubscribe it: 3 SuperNodes on 2 cores made a CNN round ~2x
+    slower (the issue's measurement). A SuperNode alone on its machine still gets every core.
+    """
+    wanted = int(os.environ.get("FL_APP_TORCH_THREADS", "0"))
+    if not wanted:
+        wanted = max(1, (os.cpu_count() or 1) // max(1, len(executors())))
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+    return wanted
 
 
 def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, object, object]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Wall time of one round with 3 clients: simulation vs a real 3-SuperNode deployment (TLS+auth):
-SuperNodes as Flower starts them (with fl_app's client worker), SuperNodes with
-fl-app-executor (`--isolation process`), and a SuperLink with `--database`.
+SuperNodes with fl-app-executor (`--isolation process`, the project's default), SuperNodes as
+Flower runs them alone (a fresh ClientApp process per message), and a SuperLink with
+`--database`.
 
     python scripts/bench_round.py [--rounds 4] [hydra overrides...]
 
@@ -65,8 +66,8 @@ def main() -> None:
     overrides = ["model=mlp", "dataset=mnist5k", f"num_rounds={args.rounds}", *args.overrides]
     modes = {
         "simulation (Ray, 3 clients)": lambda w: simulation(w, overrides),
-        "deployment": lambda w: deployment(w, overrides),
-        "deployment, fl-app-executor": lambda w: deployment(w, overrides, executor=True),
+        "deployment, fl-app-executor": lambda w: deployment(w, overrides),
+        "deployment, plain Flower": lambda w: deployment(w, overrides, executor=False),
         "deployment, SuperLink --database": lambda w: deployment(w, overrides, database=True),
     }
     print(f"{'mode':36} {'round 1 (s)':>12} {'later rounds, median (s)':>26} {'flwr run (s)':>13}")

@@ -3,12 +3,13 @@
 
     python scripts/local_federation.py strategy=fedsgd model=cnn num_rounds=5
     python scripts/local_federation.py --supernodes 5 --keep     # stay up for more `flwr run`s
-    python scripts/local_federation.py --executor model=cnn      # SuperNodes with fl-app-executor
+    python scripts/local_federation.py --no-executor model=cnn   # Flower's process per message
 
-Creates credentials, starts a SuperLink and the SuperNodes (each with its own partition) as
-separate processes, registers the SuperNodes' keys, runs this app with the given Hydra
-overrides, prints where logs and outputs are, and stops everything it started at the end or on
-Ctrl-C. Exits 1 if the run did not complete.
+Creates credentials, starts a SuperLink and the SuperNodes (each with its own partition and
+its fl-app-executor, which keeps the ClientApp loaded across messages) as separate processes,
+registers the SuperNodes' keys, runs this app with the given Hydra overrides, prints where logs
+and outputs are, and stops everything it started at the end or on Ctrl-C. Exits 1 if the run
+did not complete.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from pathlib import Path
 from fl_app.deploy.federation import CONNECTION, LocalFederation
 from fl_app.runner import PROJECT_ROOT, toml_run_config
 
-# Flower-supported settings: poll for work every 0.1 s instead of 1 s, and one torch thread per
-# ClientApp so three of them do not oversubscribe two cores (measured effect: small; README).
+# Flower-supported settings for --no-executor: flower-superexec polls for work every 0.1 s
+# instead of 1 s, and one torch thread per ClientApp so three of them do not oversubscribe two
+# cores (measured effect: small). fl-app-executor polls every 0.05 s and shares the cores itself.
 FAST = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "OMP_NUM_THREADS": "1"}
 
 
@@ -39,22 +41,25 @@ def main() -> int:
                              "outputs/federation/<date>_<time>)")
     parser.add_argument("--keep", action="store_true",
                         help="after the run, keep the federation up until Ctrl-C")
-    parser.add_argument("--executor", action="store_true",
-                        help="SuperNodes in --isolation process, each with an fl-app-executor")
+    parser.add_argument("--no-executor", action="store_true",
+                        help="no fl-app-executor: Flower's own SuperExec starts a fresh "
+                             "ClientApp process for every message (the plain Flower path; "
+                             "slower rounds)")
     parser.add_argument("--database", action="store_true",
                         help="the SuperLink keeps its state in SQLite (superlink.db)")
     args = parser.parse_args()
     workdir = (args.workdir or PROJECT_ROOT / "outputs" / "federation"
                / f"{datetime.now():%Y-%m-%d_%H-%M-%S}").resolve()
     out = workdir / "outputs"
-    fed = LocalFederation(workdir, args.supernodes, env=FAST, executor=args.executor,
+    executor = not args.no_executor
+    fed = LocalFederation(workdir, args.supernodes, env=FAST, executor=executor,
                           database=args.database)
     # Ctrl-C or a kill: leave through `finally`, which stops every process started here.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     try:
         fed.start()
         print(f"SuperLink {fed.address} (TLS, SuperNode authentication) with "
-              f"{args.supernodes} SuperNodes" + (" and their executors" if args.executor else "")
+              f"{args.supernodes} SuperNodes" + (" and their executors" if executor else "")
               + f"\n  logs:    {fed.logs}\n  outputs: {out}\n"
               f"  CLI:     FLWR_HOME={fed.env['FLWR_HOME']} flwr run . {CONNECTION}", flush=True)
         overrides = [*args.overrides, f"output_dir='{out}'"]

@@ -226,7 +226,7 @@ def test_small_dense_models_train_on_one_thread_and_others_on_the_process_thread
                           run_config={"overrides": overrides})
         return content, context
 
-    try:  # one process serving both models (a client worker serves every run of its node)
+    try:  # one process serving both models (an fl-app-executor serves every run of its node)
         for (content, context), threads in ((message("mlp", 91), 1), (message("cnn", 92), 3),
                                              (message("mlp", 91), 1)):
             client_core.handle("train", content, context)
@@ -235,3 +235,32 @@ def test_small_dense_models_train_on_one_thread_and_others_on_the_process_thread
         assert client_core._threads_for(MLP((1, 8, 8), 10)) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _train_message(run_id: int, state, server_round: int):
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from strategy_helpers import record
+
+    run_config = {"dataset": "digits", "privacy": "local",
+                  "overrides": "batch_size=32 local_epochs=1"}
+    client = _client("privacy=local", partition_id=1)
+    content = RecordDict({"arrays": record(dict(zip(client.keys, client.get_parameters({}),
+                                                    strict=True))),
+                          "config": ConfigRecord({"server-round": server_round})})
+    context = Context(run_id=run_id, node_id=3, state=state, run_config=run_config,
+                      node_config={"partition-id": 1, "num-partitions": 4})
+    return content, context
+
+
+def test_one_process_serves_every_run_with_clients_of_their_own():
+    """An fl-app-executor serves every run of its SuperNode from one client cache: a new run's
+    client starts its privacy accounting from zero, not from the previous run's."""
+    from flwr.app import RecordDict
+
+    from fl_app.client_core import handle
+
+    first_run_state = RecordDict()
+    handle("train", *_train_message(9105, first_run_state, 1))
+    once = handle("train", *_train_message(9105, first_run_state, 2))
+    fresh = handle("train", *_train_message(9106, RecordDict(), 1))
+    assert fresh["metrics"]["local_epsilon"] < once["metrics"]["local_epsilon"]

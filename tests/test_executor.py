@@ -9,13 +9,18 @@ import re
 import shlex
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode, SubStatus
+from strategy_helpers import record, set_task_identity
 
 from fl_app import executor as executor_module
 from fl_app.deploy.federation import CONNECTION, LocalFederation
-from fl_app.executor import Executor, parse_args
+from fl_app.executor import Executor, parse_args, share_cores
 from fl_app.processes import alive, stop
 from fl_app.runner import PROJECT_ROOT, flwr_run, staged_app, toml_run_config
 
@@ -61,6 +66,80 @@ def test_a_task_of_another_app_version_restarts_the_process_with_that_task(monke
     args = restart.value.args[0]
     assert args[1:3] == ["-m", "fl_app.executor"]
     assert args[3:] == ["--insecure", "--token", "t3"]  # the old --token is not passed on
+
+
+class FakeHeartbeat:
+    is_running = False
+
+    def __init__(self, *args) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+
+def test_a_failing_task_goes_back_as_an_error_naming_the_reason_and_the_next_task_runs(
+        monkeypatch) -> None:
+    """The executor runs the app's real ClientApp in its own process; the SuperNode's side
+    (its Runtime API) is faked."""
+    from fl_app.client_app import app
+    from fl_app.client_core import build_client
+    from fl_app.config import compose
+
+    set_task_identity(monkeypatch)
+    monkeypatch.setenv("FL_APP_TORCH_THREADS", "1")
+    client = build_client(compose(["dataset=digits"]), 1, 4)
+    good = dict(zip(client.keys, client.get_parameters({}), strict=True))
+    tasks = iter([{"not-a-layer": np.zeros(3, np.float32)}, good])
+    context = Context(run_id=5, node_id=3, state=RecordDict(), run_config={"dataset": "digits"},
+                      node_config={"partition-id": 1, "num-partitions": 4})
+
+    def pull_task_input(client):
+        message = Message(RecordDict({"arrays": record(next(tasks)),
+                                      "config": ConfigRecord({"server-round": 1})}),
+                          dst_node_id=3, message_type="train")
+        return message, context, SimpleNamespace(fab_id="", fab_version=""), None
+
+    replies, outputs = [], []
+    ex = Executor("127.0.0.1:1", insecure=True)
+    monkeypatch.setattr(ex, "_client", lambda interceptors: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(ex, "_load", lambda *fab: app)
+    monkeypatch.setattr(executor_module, "HeartbeatSender", FakeHeartbeat)
+    monkeypatch.setattr(executor_module, "pull_task_input", pull_task_input)
+    monkeypatch.setattr(executor_module, "push_message",
+                        lambda client, reply, context: replies.append(reply))
+    monkeypatch.setattr(executor_module, "push_task_output",
+                        lambda client, context, status, details: outputs.append(status))
+    ex.run_task("t1")
+    ex.run_task("t2")
+    assert replies[0].has_error() and "not-a-layer" in replies[0].error.reason
+    assert replies[0].error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert not replies[1].has_error() and replies[1].content["metrics"]["num-examples"] > 0
+    assert outputs == [SubStatus.FAILED, SubStatus.COMPLETED]
+    assert ex.tasks == 2
+
+
+class FakeTorch:
+    def __init__(self) -> None:
+        self.threads = 8
+
+    def get_num_threads(self) -> int:
+        return self.threads
+
+    def set_num_threads(self, n: int) -> None:
+        self.threads = n
+
+
+def test_executors_on_one_machine_share_its_cores_unless_told(monkeypatch) -> None:
+    monkeypatch.delenv("FL_APP_TORCH_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr(executor_module, "executors", lambda: [11, 12, 13])
+    torch = FakeTorch()
+    assert share_cores(torch) == 2 and torch.threads == 2  # 8 cores, 3 executors
+    monkeypatch.setattr(executor_module, "executors", lambda: [11])
+    assert share_cores(torch) == 8  # alone on its machine: every core
+    monkeypatch.setenv("FL_APP_TORCH_THREADS", "3")
+    assert share_cores(torch) == 3
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
 """A real federation on this machine: one SuperLink and N SuperNodes as separate processes.
 
 The same processes, flags and files a multi-machine deployment uses (TLS, SuperNode
-authentication, one data partition per SuperNode), on loopback. Used by
-`scripts/local_federation.py` and by the deployment tests; every process it starts is
-stopped by PID.
+authentication, one data partition per SuperNode), on loopback, each SuperNode served by an
+`fl-app-executor` (its ClientApp stays loaded across messages) unless told to run Flower's
+own process per message. Used by `scripts/local_federation.py` and by the deployment tests;
+every process it starts is stopped by PID.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class LocalFederation:
     def __init__(self, workdir: Path, num_supernodes: int = 3, tls: bool = True,
                  auth: bool = True, env: dict[str, str] | None = None,
                  superlink_cwd: Path | None = None,
-                 data_dirs: dict[int, Path] | None = None, executor: bool = False,
+                 data_dirs: dict[int, Path] | None = None, executor: bool = True,
                  database: bool = False) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS: Flower refuses it otherwise.")
@@ -45,6 +46,7 @@ class LocalFederation:
         # executor: SuperNodes in --isolation process, each served by an fl-app-executor (over
         # TLS to the SuperNode's Runtime API when tls). The two share a secret (Flower's
         # SuperExec authentication), so no other local process can take the node's tasks.
+        # executor=False: the plain Flower path, a fresh flwr-clientapp process per message.
         # database: the SuperLink keeps its state in SQLite (it survives a restart) instead of
         # in memory (Flower's default); every array of every message then goes through it.
         self.executor, self.database = executor, database

@@ -1,7 +1,6 @@
 """Item 4: a round with 3 SuperNodes on loopback (TLS + SuperNode authentication, the
 project's `LocalFederation`) against the same round in simulation, and where the round floor
-sits: SuperNodes as Flower starts them (with fl_app's client worker), then with
-fl-app-executor.
+sits: SuperNodes with fl-app-executor (the project's default), then as Flower runs them alone.
 
 The parts of a deployment round are read, for each SuperNode, from the stamps
 (scripts/bench/hook) of the ClientApp process it started and from the arrival time of its log
@@ -173,10 +172,10 @@ def deployment(work: Path, models: tuple[str, ...], rounds: int,
     return results
 
 
-# The two ways this project runs a SuperNode's ClientApps: Flower's default isolation, where
-# a fresh `flwr-clientapp` per message hands it to fl_app's persistent worker, and
-# `--isolation process` with fl-app-executor running every task in one process.
-MODES = {"": {}, " with fl-app-executor": {"executor": True}}
+# The two ways a SuperNode runs this project's ClientApps: `--isolation process` with
+# fl-app-executor running every task in one process (the default), and Flower's own
+# SuperExec starting a fresh `flwr-clientapp` process per message.
+MODES = {" with fl-app-executor": {}, ", plain Flower": {"executor": False}}
 
 
 def run(work: Path, rounds: int = 3, models=("cnn", "mlp")) -> Part:
