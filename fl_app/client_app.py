@@ -28,6 +28,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=_run("evaluate", msg.content, context), reply_to=msg)
 
 
+@app.train("secagg")
+def train_secagg(msg: Message, context: Context) -> Message:
+    """A stage of secure aggregation (fl_app.secagg): crypto here, training through `_run`."""
+    from fl_app.secagg.client import answer
+
+    return Message(content=answer(msg.content, context,
+                                  lambda content: _run("train", content, context)),
+                   reply_to=msg)
+
+
 def _run(kind: str, content: RecordDict, context: Context) -> RecordDict:
     from fl_app.client_core import handle  # torch: only in a process that trains
 

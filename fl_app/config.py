@@ -1,8 +1,9 @@
 """The one place that turns a run config or command-line overrides into a composed DictConfig.
 
 `flwr run` hands the apps a flat run config (`strategy`, `model`, `dataset`, `partitioner`,
-`privacy`, `overrides`); `fl-app` hands Hydra's own overrides. Both end in `compose()`, so every
-entry point validates names and overrides the same way and fails with the same clear messages.
+`privacy`, `secagg`, `overrides`); `fl-app` hands Hydra's own overrides. Both end in
+`compose()`, so every entry point validates names and overrides the same way and fails with
+the same clear messages.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fl_app import device
+from fl_app.secagg.settings import config_problem as secagg_problem
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("strategy", "model", "dataset", "partitioner", "privacy")
+GROUPS = ("strategy", "model", "dataset", "partitioner", "privacy", "secagg")
 
 
 class ConfigError(ValueError):
@@ -134,6 +136,8 @@ def check(cfg: DictConfig) -> None:
         )
     if cfg.get("client_pool") is not None:
         _check_client_pool(cfg)
+    if problem := secagg_problem(cfg):
+        raise ConfigError(problem)
 
 
 def _is_number(value: object) -> bool:

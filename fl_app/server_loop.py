@@ -163,6 +163,10 @@ def train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
     random.seed(cfg.seed * 1_000_003 + rnd)  # Flower's built-in strategies sample with `random`
     messages = strategy.configure_train(rnd, to_array_record(weights), ConfigRecord(), grid)
     messages = expire_with_round(messages, cfg.round_timeout)
+    if cfg.secagg.name != "none":  # the server learns only the sum of the updates
+        from fl_app.secagg.round import secure_train_round
+
+        return secure_train_round(grid, strategy, cfg, rnd, messages, weights)
     replies = exchange(grid, messages, cfg.round_timeout)
     _fail_if_all_failed(rnd, replies)
     if not ours:  # fl_app's strategies screen replies themselves; Flower's average NaN in

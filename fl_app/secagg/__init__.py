@@ -1,0 +1,8 @@
+"""Secure aggregation (SecAgg+) for fl_app's Message-API rounds: the server learns only the sum.
+
+settings.py: the `secagg` config group, its checks and the per-round share plan;
+vectors.py: quantizing, masking and decoding the vectors that are summed;
+client.py: the client's protocol stages (its secrets live in the node's Context.state);
+server.py: the server's four stages over the grid, ending in the unmasked sum;
+round.py: a round's train stage with secure aggregation, handing the sum to the strategy.
+"""

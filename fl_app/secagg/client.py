@@ -1,0 +1,268 @@
+"""A client's side of SecAgg+: answer the server's four stage messages ("train.secagg").
+
+    setup        make two key pairs (pk1: pairwise masks, pk2: encrypting shares); send the
+                 public keys
+    share-keys   given the neighbours' public keys: draw a private mask seed b, split b and
+                 sk1 into Shamir shares, send each neighbour its pair, encrypted to it
+    collect      decrypt the neighbours' shares; train; send the update, weighted, quantized
+                 and masked with PRG(b) and one pairwise mask per neighbour
+    unmask       for each neighbour the server says survived, its share of b; for each that
+                 dropped, its share of sk1 (never both for one node)
+
+The secrets between stages live in the node's `Context.state` (Flower keeps a node's Context
+for the run: in simulation, in deployment, and in fl-app's in-process engine), one round at a
+time; the stage and round recorded there refuse messages out of order. Only key agreement,
+Shamir sharing, authenticated encryption and the mask generator of Flower are used
+(`flwr.common.secure_aggregation`, `flwr.supercore.primitives.asymmetric`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import numpy as np
+from cryptography.fernet import InvalidToken
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+    decrypt,
+    encrypt,
+    generate_shared_key,
+)
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+
+from fl_app.secagg import vectors
+from fl_app.secagg.settings import SecAggError, SecAggSettings
+
+REQUEST = "secagg"      # the ConfigRecord every stage message (and reply) carries
+STATE = "secagg"        # the node's Context.state entry
+MASKED = "masked"       # the ArrayRecord of a collect reply
+# Client metrics that are privacy accounting (an epsilon, the noise settings), not data: sent
+# in the clear so the server can report the worst client's epsilon. All others are summed.
+CLEAR_METRIC_PREFIXES = ("local_", "dpsgd_")
+DP_CLIPPED = "secagg-dp-clipped"  # a metric: 1 if central DP's clipping scaled the update
+_SETTINGS = ("num_shares", "reconstruction_threshold", "clipping_range", "quantization_range",
+             "modulus_range", "max_weight")
+
+Train = Callable[[RecordDict], RecordDict]
+
+
+def config_record(values: dict) -> ConfigRecord:
+    """A ConfigRecord of `values` without its empty lists (Flower cannot size those); readers
+    take a missing list as empty."""
+    return ConfigRecord({k: v for k, v in values.items() if not (isinstance(v, list) and not v)})
+
+
+def settings_record(s: SecAggSettings, shares: int, threshold: int) -> dict:
+    """The settings the setup message carries (this round's k and t resolved)."""
+    return {"num_shares": shares, "reconstruction_threshold": threshold,
+            "clipping_range": float(s.clipping_range), "quantization_range": s.quantization_range,
+            "modulus_range": s.modulus_range, "max_weight": float(s.max_weight)}
+
+
+def answer(content: RecordDict, context: Context, train: Train) -> RecordDict:
+    """The reply content to one stage message; `train` answers a plain train message's
+    content (arrays, config) and is called in the collect stage only."""
+    request = dict(content[REQUEST])
+    stage, node_id = str(request["stage"]), int(context.node_id)
+    state = {} if stage == "setup" or STATE not in context.state else dict(context.state[STATE])
+    if stage == "setup":
+        reply, state = setup(request)
+    elif stage in _EXPECTED_BEFORE:
+        _check_order(state, request, stage, node_id)
+        if stage == "share-keys":
+            reply, state = share_keys(state, request, node_id)
+        elif stage == "collect":
+            return _store(context, *collect(state, request, node_id, content, train))
+        else:
+            reply, state = unmask(state, request, node_id)
+    else:
+        raise SecAggError(f"Unknown secure aggregation stage {stage!r}: the server runs another "
+                          "fl_app version than this SuperNode.")
+    return _store(context, RecordDict({REQUEST: config_record(reply)}), state)
+
+
+def _store(context: Context, reply: RecordDict, state: dict) -> RecordDict:
+    context.state[STATE] = config_record(state)
+    return reply
+
+
+_EXPECTED_BEFORE = {"share-keys": "setup", "collect": "share-keys", "unmask": "collect"}
+
+
+def _check_order(state: dict, request: dict, stage: str, node_id: int) -> None:
+    before = _EXPECTED_BEFORE[stage]
+    if state.get("stage") != before or state.get("round") != request.get("round"):
+        raise SecAggError(
+            f"Node {node_id}: secure aggregation stage {stage!r} of round {request.get('round')} "
+            f"came after stage {state.get('stage')!r} of round {state.get('round')}, not after "
+            f"{before!r} of that round: a stale or reordered message; refusing it.")
+
+
+def setup(request: dict) -> tuple[dict, dict]:
+    """Two fresh key pairs per round; the public halves are the reply."""
+    sk1, pk1 = generate_key_pairs()
+    sk2, pk2 = generate_key_pairs()
+    state = {k: request[k] for k in ("round", *_SETTINGS)}
+    state |= {"stage": "setup", "sk1": private_key_to_bytes(sk1), "pk1": public_key_to_bytes(pk1),
+              "sk2": private_key_to_bytes(sk2), "pk2": public_key_to_bytes(pk2)}
+    return {"pk1": state["pk1"], "pk2": state["pk2"]}, state
+
+
+def share_keys(state: dict, request: dict, node_id: int) -> tuple[dict, dict]:
+    """Shares of b and sk1 for every neighbour (this node included), each encrypted to it."""
+    ids = [int(i) for i in request.get("node-ids", [])]
+    pk1s, pk2s = list(request.get("pk1s", [])), list(request.get("pk2s", []))
+    threshold = int(state["reconstruction_threshold"])
+    if not len(ids) == len(pk1s) == len(pk2s):
+        raise SecAggError(f"Node {node_id}: the server sent {len(ids)} node ids with "
+                          f"{len(pk1s)} and {len(pk2s)} public keys.")
+    if len(ids) < threshold:
+        raise SecAggError(f"Node {node_id}: only {len(ids)} neighbours (itself included) "
+                          f"remain, below reconstruction_threshold={threshold}.")
+    if node_id not in ids or (pk1s[ids.index(node_id)], pk2s[ids.index(node_id)]) != (
+            state["pk1"], state["pk2"]):
+        raise SecAggError(f"Node {node_id}: the server's key list does not hold this node's own "
+                          "public keys: refusing to share secrets with it.")
+    if len(set(pk1s + pk2s)) != 2 * len(ids):
+        raise SecAggError(f"Node {node_id}: the server's key list repeats public keys.")
+    seed = os.urandom(32)
+    seed_shares = create_shares(seed, threshold, len(ids))
+    sk1_shares = create_shares(state["sk1"], threshold, len(ids))
+    sk2 = bytes_to_private_key(state["sk2"])
+    dsts, ciphertexts = [], []
+    for nid, pk2, seed_share, sk1_share in zip(ids, pk2s, seed_shares, sk1_shares, strict=True):
+        if nid == node_id:
+            state |= {"own-seed-share": seed_share, "own-sk1-share": sk1_share}
+            continue
+        key = generate_shared_key(sk2, bytes_to_public_key(pk2))
+        dsts.append(nid)
+        ciphertexts.append(encrypt(key, share_keys_plaintext_concat(
+            node_id, nid, seed_share, sk1_share)))
+    state |= {"stage": "share-keys", "seed": seed, "node-ids": ids, "pk1s": pk1s, "pk2s": pk2s}
+    return {"dsts": dsts, "ciphertexts": ciphertexts}, state
+
+
+def _open_shares(state: dict, request: dict, node_id: int) -> tuple[list[int], list[bytes],
+                                                                     list[bytes]]:
+    """(sources, their b shares, their sk1 shares) from the forwarded ciphertexts, each
+    authenticated and checked to be from its sender, for this node, of the right length."""
+    srcs = [int(i) for i in request.get("srcs", [])]
+    ciphertexts = list(request.get("ciphertexts", []))
+    ids = list(state.get("node-ids", []))
+    sk2 = bytes_to_private_key(state["sk2"])
+    seed_shares, sk1_shares = [], []
+    for src, ciphertext in zip(srcs, ciphertexts, strict=True):
+        if src not in ids or src == node_id:
+            raise SecAggError(f"Node {node_id}: the server forwarded shares from node {src}, "
+                              "which is not one of this node's neighbours.")
+        key = generate_shared_key(sk2, bytes_to_public_key(state["pk2s"][ids.index(src)]))
+        try:
+            plaintext = decrypt(key, ciphertext)
+        except InvalidToken:
+            raise SecAggError(
+                f"Node {node_id}: the share ciphertext from node {src} fails authentication: "
+                f"it was altered or not encrypted for node {node_id}; refusing to mask with "
+                "it.") from None
+        actual_src, dst, seed_share, sk1_share = share_keys_plaintext_separate(plaintext)
+        if (actual_src, dst) != (src, node_id):
+            raise SecAggError(f"Node {node_id}: a ciphertext said to be from node {src} holds "
+                              f"shares from node {actual_src} for node {dst}.")
+        for share, own in ((seed_share, state["own-seed-share"]),
+                           (sk1_share, state["own-sk1-share"])):
+            if len(share) != len(own):
+                raise SecAggError(f"Node {node_id}: a share from node {src} is {len(share)} "
+                                  f"bytes, not {len(own)}: refusing it.")
+        seed_shares.append(seed_share)
+        sk1_shares.append(sk1_share)
+    return srcs, seed_shares, sk1_shares
+
+
+def collect(state: dict, request: dict, node_id: int, content: RecordDict,
+            train: Train) -> tuple[RecordDict, dict]:
+    """Train, then reply with the masked vector (and the metric names and clear metrics)."""
+    s = SecAggSettings.from_config(state)
+    srcs, seed_shares, sk1_shares = _open_shares(state, request, node_id)
+    if len(srcs) + 1 < int(state["reconstruction_threshold"]):
+        raise SecAggError(f"Node {node_id}: shares came from {len(srcs)} neighbours, below "
+                          f"reconstruction_threshold={state['reconstruction_threshold']} - 1.")
+    received = content["arrays"]
+    reply = train(RecordDict({"arrays": received, "config": content["config"]}))
+    arrays, metrics = reply["arrays"], dict(reply["metrics"])
+    num_examples = int(metrics.pop("num-examples"))
+    update = [arrays[k].numpy() for k in received]  # the server's array order
+    if float(request.get("clip-norm", 0.0)) > 0:  # central DP: the server cannot clip
+        update, scaled = clip_for_dp(update, float(request["clip-norm"]), s)
+        metrics[DP_CLIPPED] = float(scaled)  # summed: the round's count of clipped updates
+    ratio = num_examples / s.max_weight if request.get("weighted", True) else 1.0
+    if ratio > 1:
+        raise SecAggError(f"Node {node_id}: {num_examples} examples exceed secagg.max_weight="
+                          f"{s.max_weight:g}: raise max_weight above the largest client.")
+    clear = {k: v for k, v in metrics.items() if k.startswith(CLEAR_METRIC_PREFIXES)}
+    names = sorted(k for k, v in metrics.items() if k not in clear
+                   and isinstance(v, int | float) and not isinstance(v, bool))
+    vector = vectors.encode(update, [float(metrics[k]) for k in names], ratio, num_examples, s)
+    sk1 = bytes_to_private_key(state["sk1"])
+    ids, pk1s = list(state.get("node-ids", [])), list(state.get("pk1s", []))
+    pairwise = [(generate_shared_key(sk1, bytes_to_public_key(pk1s[ids.index(src)])),
+                 1 if node_id > src else -1) for src in srcs]
+    masked = vectors.mask(vector, state["seed"], pairwise, s)
+    del vector, update
+    state = {k: v for k, v in state.items() if k not in ("seed", "sk2", "pk2s")}
+    state |= {"stage": "collect", "holders": [node_id, *srcs],
+              "seed-shares": [state.pop("own-seed-share"), *seed_shares],
+              "sk1-shares": [state.pop("own-sk1-share"), *sk1_shares]}
+    out = RecordDict({MASKED: ArrayRecord({"vector": Array(masked)}),
+                      REQUEST: config_record({"metric-names": names}),
+                      "metrics": MetricRecord(clear)})
+    return out, state
+
+
+def clip_for_dp(update: list[np.ndarray], clip_norm: float, s: SecAggSettings
+                ) -> tuple[list[np.ndarray], bool]:
+    """The update scaled to L2 norm <= C - Δ·sqrt(d): stochastic rounding then moves each of the
+    d coordinates by less than Δ, so the quantized update's norm stays <= C, the sensitivity
+    central DP's noise is calibrated to. Also whether it had to be scaled."""
+    dims = sum(a.size for a in update)
+    bound = clip_norm - s.step * math.sqrt(dims)
+    if bound <= 0:
+        raise SecAggError(f"secagg's quantization step {s.step:g} over {dims} values can move "
+                          f"an update by up to {s.step * math.sqrt(dims):g}, above clip_norm="
+                          f"{clip_norm:g}: raise secagg.quantization_range or clip_norm.")
+    norm = math.sqrt(sum(float(np.dot(a.ravel(), a.ravel())) for a in update))
+    scale = 1.0 if norm <= bound else bound / norm
+    return [np.asarray(a, dtype=np.float64) * scale for a in update], scale < 1.0
+
+
+def unmask(state: dict, request: dict, node_id: int) -> tuple[dict, dict]:
+    """Shares of b for the survivors, of sk1 for the dropped; then forget the round."""
+    active = [int(i) for i in request.get("active", [])]
+    dead = [int(i) for i in request.get("dead", [])]
+    holders = [int(i) for i in state.get("holders", [])]
+    threshold = int(state["reconstruction_threshold"])
+    if set(active) & set(dead) or node_id not in active:
+        raise SecAggError(f"Node {node_id}: the server lists nodes both as survived and as "
+                          "dropped (or this node as dropped): refusing to reveal shares.")
+    if unknown := sorted(set(active + dead) - set(holders)):
+        raise SecAggError(f"Node {node_id}: asked for shares of nodes {unknown}, of which this "
+                          "node holds none.")
+    if len(active) < threshold:
+        raise SecAggError(f"Node {node_id}: only {len(active)} neighbours survived, below "
+                          f"reconstruction_threshold={threshold}.")
+    seed_shares, sk1_shares = list(state.get("seed-shares", [])), list(state.get("sk1-shares", []))
+    shares = ([seed_shares[holders.index(n)] for n in active]
+              + [sk1_shares[holders.index(n)] for n in dead])
+    return {"node-ids": active + dead, "shares": shares}, {"stage": "unmask",
+                                                          "round": state["round"]}

@@ -1,0 +1,86 @@
+"""A round's train stage with secure aggregation (`secagg=secaggplus`): the strategy's train
+messages go through SecAgg+, and the strategy is handed the sum instead of the replies.
+
+- Averaging strategies (WeightedFedAvg, GradientAveraging, Flower's FedAvg, FedProx, FedAdam,
+  FedYogi, ...) get one reply holding the weighted mean Σ ratio'·u / Σ ratio' and the total
+  example count: the average of one reply is that reply, so the strategy steps as it would on
+  the mean of the individual replies.
+- Central DP (DPNoise) gets the sum of the client-clipped updates (`release_secure_sum`): the
+  same noise, denominator and accountant as its own aggregate_train.
+"""
+
+from __future__ import annotations
+
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from omegaconf import DictConfig
+
+from fl_app.records import from_array_record, to_array_record
+from fl_app.secagg.client import DP_CLIPPED
+from fl_app.secagg.server import SecureSum, secure_sum
+from fl_app.secagg.settings import SecAggSettings
+from fl_app.server_loop import exchange
+from fl_app.strategies import DPNoise
+
+
+def secure_train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
+                       messages: list[Message], weights: dict[str, np.ndarray]
+                       ) -> tuple[dict[str, np.ndarray], dict]:
+    """`server_loop.train_round` after configure_train, with SecAgg+: the new global weights
+    and the round's metrics row. SecAggError (too few clients left) ends the round unchanged."""
+    s = SecAggSettings.from_config(cfg.secagg)
+    timeout = s.timeout if s.timeout is not None else cfg.round_timeout
+    dp = strategy if isinstance(strategy, DPNoise) else None
+    if dp is not None and not messages:  # Poisson sampling drew nobody: noise is still released
+        new, metrics = dp.release_secure_sum(rnd, None, 0, 0, MetricRecord({}))
+        return from_array_record(new), _row(rnd, messages, [], 0, 0, metrics)
+    result = secure_sum(
+        rnd, messages, s, lambda m, t: exchange(grid, m, t), timeout, cfg.round_timeout,
+        weighted=dp is None and getattr(strategy, "weighted", True),
+        clip_norm=dp.clip_norm if dp is not None else 0.0)
+    if dp is not None:
+        averages = result_metrics(result)
+        num_clipped = round(averages.pop(DP_CLIPPED, 0.0) * result.weight)
+        new, metrics = dp.release_secure_sum(rnd, result.update_sum, result.num_clients,
+                                             num_clipped, MetricRecord(averages))
+    elif result.num_clients < getattr(strategy, "min_train_nodes", 0):
+        log(WARNING, "[round %d] only %d of %d sampled clients are in the secure sum, below "
+            "min_clients=%d: global model unchanged", rnd, result.num_clients, len(messages),
+            strategy.min_train_nodes)
+        new, metrics = None, None
+    else:
+        new, metrics = strategy.aggregate_train(rnd, [mean_reply(result, messages[0], weights)])
+    new_weights = weights if new is None else from_array_record(new)
+    return new_weights, _row(rnd, messages, result.lost, result.bytes_sent,
+                             result.bytes_received, metrics)
+
+
+def result_metrics(result: SecureSum) -> dict[str, float]:
+    """The clients' weighted-mean metrics, and the largest of each clear (privacy) metric."""
+    means = {k: v / result.weight for k, v in result.metric_sums.items()}
+    return {**means, **result.clear_metrics}
+
+
+def mean_reply(result: SecureSum, sent: Message, weights: dict[str, np.ndarray]) -> Message:
+    """One reply standing for the round's clients: their weighted mean, in the model's
+    dtypes, with their total example count."""
+    mean = {k: (result.update_sum[k] / result.weight).astype(weights[k].dtype, copy=False)
+            for k in weights}
+    metrics = MetricRecord({**result_metrics(result), "num-examples": result.num_examples})
+    return Message(RecordDict({"arrays": to_array_record(mean), "metrics": metrics}),
+                   reply_to=sent)
+
+
+def _row(rnd: int, messages: list[Message], lost: list[int], sent: int, received: int,
+         metrics: MetricRecord | None) -> dict:
+    if lost:
+        log(WARNING, "[round %d] %d of %d sampled node(s) are not in the secure sum: %s", rnd,
+            len(lost), len(messages), lost)
+    return {"round": rnd, "sampled": len(messages), "lost_nodes": lost, "bytes_sent": sent,
+            "bytes_received": received,
+            **{f"train_{k}": v for k, v in dict(metrics or {}).items()}}

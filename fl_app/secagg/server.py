@@ -1,0 +1,290 @@
+"""The server's side of SecAgg+: four stages over the grid, ending in the sum of the round's
+client vectors and nothing else.
+
+    U1 = answered setup (public keys), U2 = answered share-keys (sent encrypted shares),
+    U3 = answered collect (a masked vector: its update is in the sum), U4 = answered unmask.
+
+Every client of U3 masked its vector with PRG(b_u) and, for each neighbour v of U2 whose shares
+it received, ±PRG(s_uv). The pairwise masks of two clients of U3 cancel in the sum. From U4's
+shares the server rebuilds b_u of every u in U3 and sk1_v of every v in U2 \\ U3 (which gives
+s_uv with each u's public key), and takes those masks off. Each needs `threshold` shares
+among the secret owner's neighbours in U4; fewer ends the round with SecAggError.
+
+The server holds only masked vectors, encrypted shares it forwards, the shares U4 reveal and
+the sum; it never reads a single client's update.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Message, RecordDict
+from flwr.common.logger import log
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    public_key_to_bytes,
+)
+
+from fl_app.secagg import vectors
+from fl_app.secagg.client import MASKED, REQUEST, config_record, settings_record
+from fl_app.secagg.settings import SecAggError, SecAggSettings, share_plan
+from fl_app.server_loop import payload_bytes
+
+MESSAGE_TYPE = "train.secagg"  # the ClientApp's @app.train("secagg") handler
+SEED_BYTES = 32
+
+Exchange = Callable[[Sequence[Message], float | None], list[Message]]
+
+
+@dataclass
+class SecureSum:
+    """What the server learns from a round: sums over the clients of U3, and traffic."""
+
+    weight: float                # Σ ratio' (the mean's denominator)
+    num_examples: int            # Σ num_examples
+    num_clipped: int             # values clipped to [-c, c] over all clients
+    metric_sums: dict[str, float]  # Σ ratio'·metric
+    update_sum: dict[str, np.ndarray]  # Σ ratio'·update, in the global model's shapes
+    num_clients: int             # |U3|
+    clear_metrics: dict[str, float] = field(default_factory=dict)  # max over clients
+    lost: list[int] = field(default_factory=list)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+def _shamir_length(secret_bytes: int) -> int:
+    # Flower's shares: a 4-byte index, then 16 bytes per 16-byte block of the padded secret.
+    return 4 + 16 * (secret_bytes // 16 + 1)
+
+
+class _Round:
+    """One round's protocol state on the server (no client update is ever stored here)."""
+
+    def __init__(self, rnd: int, sampled: list[int], s: SecAggSettings, exchange: Exchange,
+                 timeout: float | None, ttl: float) -> None:
+        self.rnd, self.s, self.exchange, self.timeout, self.ttl = rnd, s, exchange, timeout, ttl
+        try:
+            self.shares, self.threshold = share_plan(s, len(sampled))
+        except ValueError as err:
+            raise SecAggError(f"[round {rnd}] {err}") from None
+        order = list(sampled)
+        random.SystemRandom().shuffle(order)  # the ring must not follow node ids
+        half, n = self.shares // 2, len(order)
+        self.neighbours = {nid: {order[(i + d) % n] for d in range(-half, half + 1)}
+                           if self.shares < n else set(order) for i, nid in enumerate(order)}
+        self.sent = self.received = 0
+        self.pk1: dict[int, bytes] = {}
+
+    def send(self, contents: dict[int, RecordDict], stage: str) -> dict[int, Message]:
+        """Send each node its content; the usable replies by node (error replies logged)."""
+        messages = [Message(content=c, dst_node_id=nid, message_type=MESSAGE_TYPE,
+                            group_id=str(self.rnd)) for nid, c in contents.items()]
+        for message in messages:
+            message.metadata.ttl = float(self.ttl)
+        replies = self.exchange(messages, self.timeout)
+        self.sent += payload_bytes(messages)
+        self.received += payload_bytes(replies)
+        usable = {}
+        for reply in replies:
+            src = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "[round %d] secagg %s: node %d failed: %s", self.rnd, stage, src,
+                    reply.error.reason)
+            elif src in contents:
+                usable[src] = reply
+        return usable
+
+    def request(self, stage: str, **values: object) -> RecordDict:
+        return RecordDict({REQUEST: config_record({"stage": stage, "round": self.rnd, **values})})
+
+    def require(self, nodes: set[int], owners: set[int], stage: str) -> None:
+        """Every owner needs `threshold` of its share holders in `nodes`; else SecAggError."""
+        short = sorted(o for o in owners if len(self.neighbours[o] & nodes) < self.threshold)
+        if short:
+            raise SecAggError(
+                f"[round {self.rnd}] secure aggregation failed at stage {stage}: only "
+                f"{len(nodes)} client(s) answered, and node(s) {short[:5]} have fewer than "
+                f"reconstruction_threshold={self.threshold} of their {self.shares} share "
+                "holders left, so the sum cannot be unmasked. The round ends with the global "
+                "model unchanged. Lower secagg.reconstruction_threshold, raise secagg.timeout "
+                "(or round_timeout), or find why clients dropped.")
+
+
+def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, exchange: Exchange,
+               timeout: float | None, ttl: float, weighted: bool = True,
+               clip_norm: float = 0.0) -> SecureSum:
+    """Run SecAgg+ over the clients `train_messages` go to; return the sum of their vectors.
+
+    Each client trains on its train message's content (arrays, config) in the collect stage.
+    `weighted`: weights num_examples / max_weight (else 1 each); `clip_norm` > 0: each client
+    clips its update to it first (central DP)."""
+    by_node = {m.metadata.dst_node_id: m for m in train_messages}
+    r = _Round(rnd, list(by_node), s, exchange, timeout, ttl)
+    log(INFO, "[round %d] secagg: %d clients, %d shares per secret, threshold %d", rnd,
+        len(by_node), r.shares, r.threshold)
+    # Stage 1: setup.
+    setup = r.request("setup", **settings_record(s, r.shares, r.threshold))
+    keys = {nid: (bytes(m.content[REQUEST]["pk1"]), bytes(m.content[REQUEST]["pk2"]))
+            for nid, m in r.send(dict.fromkeys(by_node, setup), "setup").items()}
+    u1 = set(keys)
+    r.require(u1, u1, "setup")
+    r.pk1 = {nid: pk1 for nid, (pk1, _) in keys.items()}
+    # Stage 2: share keys.
+    contents = {}
+    for nid in u1:
+        ids = sorted(r.neighbours[nid] & u1)
+        contents[nid] = r.request("share-keys", **{"node-ids": ids,
+                                                    "pk1s": [keys[i][0] for i in ids],
+                                                    "pk2s": [keys[i][1] for i in ids]})
+    forwards: dict[int, list[tuple[int, bytes]]] = {nid: [] for nid in u1}
+    replies = r.send(contents, "share-keys")
+    for nid, reply in replies.items():
+        record = reply.content[REQUEST]
+        for dst, ciphertext in zip(record.get("dsts", []), record.get("ciphertexts", []),
+                                   strict=True):
+            if int(dst) in r.neighbours[nid] & u1:
+                forwards[int(dst)].append((nid, bytes(ciphertext)))
+    u2 = set(replies)
+    r.require(u2, u2, "share-keys")
+    # Stage 3: collect masked vectors (the clients train here).
+    contents, partners = {}, {}
+    for nid in u2:
+        srcs = [(src, c) for src, c in forwards[nid] if src in u2]
+        partners[nid] = {src for src, _ in srcs}
+        train = by_node[nid].content
+        contents[nid] = RecordDict({"arrays": train["arrays"], "config": train["config"],
+                                    **r.request("collect", srcs=[i for i, _ in srcs],
+                                                ciphertexts=[c for _, c in srcs],
+                                                weighted=weighted, **{"clip-norm": clip_norm})})
+    reference = by_node[next(iter(u2))].content["arrays"]
+    shapes = {k: tuple(reference[k].shape) for k in reference}
+    dims = sum(int(np.prod(shape)) for shape in shapes.values())
+    total, names, clear, u3 = None, None, {}, set()
+    for nid, reply in r.send(contents, "collect").items():
+        vector, reply_names = _masked_vector(reply)
+        if vector is None or len(vector) != vectors.HEADER + len(reply_names) + dims:
+            log(WARNING, "[round %d] secagg collect: node %d sent a masked vector of the wrong "
+                "length; it counts as dropped", rnd, nid)
+            continue
+        if names is not None and reply_names != names:
+            log(WARNING, "[round %d] secagg collect: node %d reports metrics %s, others %s; it "
+                "counts as dropped", rnd, nid, reply_names, names)
+            continue
+        names = reply_names
+        total = vector.astype(np.int64) if total is None else total + vector
+        for key, value in dict(reply.content["metrics"]).items():
+            clear[key] = max(clear.get(key, float(value)), float(value))
+        u3.add(nid)
+    r.require(u3, u3, "collect")
+    # Stage 4: unmask.
+    contents = {nid: r.request("unmask", active=sorted((partners[nid] | {nid}) & u3),
+                               dead=sorted(partners[nid] - u3)) for nid in u3}
+    seed_shares: dict[int, list[bytes]] = {nid: [] for nid in u3}
+    sk1_shares: dict[int, list[bytes]] = {nid: [] for nid in u2 - u3}
+    u4 = set()
+    for nid, reply in r.send(contents, "unmask").items():
+        asked = contents[nid][REQUEST]
+        try:
+            shares = _check_shares(reply, list(asked.get("active", [])),
+                                   list(asked.get("dead", [])), nid)
+        except SecAggError as err:
+            log(WARNING, "[round %d] %s; its shares are not used", rnd, err)
+            continue
+        for owner, share in shares:
+            (seed_shares if owner in seed_shares else sk1_shares)[owner].append(share)
+        u4.add(nid)
+    r.require(u4, u3 | (u2 - u3), "unmask")
+    total = _unmask(r, total, seed_shares, sk1_shares, partners)
+    weight, examples, clipped, metric_values, flat = vectors.decode(total, len(u3), len(names), s)
+    del total
+    update, start = {}, 0
+    for key, shape in shapes.items():
+        size = int(np.prod(shape))
+        update[key] = flat[start:start + size].reshape(shape)
+        start += size
+    if clipped:
+        log(WARNING, "[round %d] secagg: %d value(s) exceeded clipping_range=%g and were "
+            "clipped: raise secagg.clipping_range", rnd, clipped, s.clipping_range)
+    return SecureSum(weight, examples, clipped, dict(zip(names, metric_values.tolist(),
+                                                         strict=True)),
+                     update, len(u3), clear, sorted(set(by_node) - u3), r.sent, r.received)
+
+
+def _masked_vector(reply: Message) -> tuple[np.ndarray | None, list[str]]:
+    """(the masked vector, the metric names) of a collect reply; (None, []) if malformed."""
+    try:
+        vector = reply.content[MASKED]["vector"].numpy()
+        names = [str(n) for n in reply.content[REQUEST].get("metric-names", [])]
+    except (KeyError, TypeError, ValueError):
+        return None, []
+    return (vector if vector.dtype == np.uint32 and vector.ndim == 1 else None), names
+
+
+def _check_shares(reply: Message, active: list[int], dead: list[int], nid: int
+                  ) -> list[tuple[int, bytes]]:
+    """(owner, share) pairs of an unmask reply: exactly the shares asked for, each of the
+    length Flower's sharing gives; SecAggError naming the node otherwise."""
+    record = reply.content[REQUEST]
+    owners = [int(i) for i in record.get("node-ids", [])]
+    shares = [bytes(b) for b in record.get("shares", [])]
+    if owners != active + dead or len(shares) != len(owners):
+        raise SecAggError(f"secagg unmask: node {nid} returned shares of {owners}, asked for "
+                          f"{active + dead}")
+    for owner, share in zip(owners, shares, strict=True):
+        expected = _shamir_length(SEED_BYTES if owner in active else _SK1_BYTES)
+        if len(share) != expected:
+            raise SecAggError(f"secagg unmask: node {nid}'s share of node {owner} is "
+                              f"{len(share)} bytes, not {expected} (altered or truncated)")
+    return list(zip(owners, shares, strict=True))
+
+
+def _sk1_bytes() -> int:
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key_to_bytes
+
+    return len(private_key_to_bytes(generate_key_pairs()[0]))
+
+
+_SK1_BYTES = _sk1_bytes()  # the serialized private key's fixed length for Flower's curve
+
+
+def _unmask(r: _Round, total: np.ndarray, seed_shares: dict[int, list[bytes]],
+            sk1_shares: dict[int, list[bytes]], partners: dict[int, set[int]]) -> np.ndarray:
+    """The sum with every private mask and every dropped client's pairwise masks taken off."""
+    length, s = len(total), r.s
+    for owner, shares in seed_shares.items():
+        total -= vectors.prg(_combine(shares, r.threshold, r.rnd, owner), length, s)
+    for owner, shares in sk1_shares.items():
+        secret = _combine(shares, r.threshold, r.rnd, owner)
+        sk1 = bytes_to_private_key(secret)
+        if public_key_to_bytes(sk1.public_key()) != r.pk1[owner]:
+            raise SecAggError(f"[round {r.rnd}] secure aggregation failed: the key rebuilt for "
+                              f"dropped node {owner} does not match its public key (an altered "
+                              "share); the global model stays unchanged.")
+        for survivor, its_partners in partners.items():
+            if owner in its_partners and survivor in seed_shares:
+                seed = generate_shared_key(sk1, bytes_to_public_key(r.pk1[survivor]))
+                # The survivor added PRG(s) if its id was larger, else subtracted it.
+                total += (-1 if survivor > owner else 1) * vectors.prg(seed, length, s)
+    return np.mod(total, s.modulus_range)
+
+
+def _combine(shares: list[bytes], threshold: int, rnd: int, owner: int) -> bytes:
+    if len(shares) < threshold:
+        raise SecAggError(f"[round {rnd}] secure aggregation failed: {len(shares)} share(s) of "
+                          f"node {owner} came back, below reconstruction_threshold={threshold}; "
+                          "the global model stays unchanged.")
+    try:
+        return combine_shares(shares)
+    except ValueError:
+        raise SecAggError(f"[round {rnd}] secure aggregation failed: the shares of node "
+                          f"{owner} do not combine (altered shares); the global model stays "
+                          "unchanged.") from None
+
+

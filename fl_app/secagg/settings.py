@@ -1,0 +1,168 @@
+"""The `secagg` config group: its settings, the checks a run is refused on, and each round's
+share plan (how many shares, how many needed to rebuild a secret).
+
+No Flower or torch imports: `fl_app.config` checks these at compose time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+NAMES = ("none", "secaggplus")
+
+# Strategies whose update is a (weighted) mean of the replies: the mean of the secure sum is all
+# they need. Anything else is refused, with the reason when it is known.
+AVERAGING = {
+    "fl_app.strategies.WeightedFedAvg", "fl_app.strategies.GradientAveraging",
+    "fl_app.strategies.DPNoise", "flwr.serverapp.strategy.FedAvg",
+    "flwr.serverapp.strategy.FedProx", "flwr.serverapp.strategy.FedAdam",
+    "flwr.serverapp.strategy.FedYogi", "flwr.serverapp.strategy.FedAdagrad",
+    "flwr.serverapp.strategy.FedAvgM",
+}
+NEEDS_INDIVIDUAL_UPDATES = {
+    "FedMedian": "the coordinate-wise median needs every client's values",
+    "FedTrimmedAvg": "the trimmed mean sorts every client's values",
+    "Krum": "Krum scores each client's update by its distances to the others",
+    "MultiKrum": "Krum scores each client's update by its distances to the others",
+    "Bulyan": "Bulyan selects and trims individual updates",
+}
+
+
+class SecAggError(RuntimeError):
+    """Secure aggregation cannot complete a round (too few clients left, or bad protocol data);
+    the message says which stage, what was missing and what to change."""
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """The protocol's settings (see conf/secagg/secaggplus.yaml)."""
+
+    num_shares: int | None = None
+    reconstruction_threshold: float | int = 0.67
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+    max_weight: float = 1000.0
+    timeout: float | None = None
+
+    @classmethod
+    def from_config(cls, section: Mapping) -> SecAggSettings:
+        return cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
+
+    @property
+    def step(self) -> float:
+        """Δ = 2c / Q: one quantization level; stochastic rounding errs by less than Δ."""
+        return 2 * self.clipping_range / self.quantization_range
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def settings_problem(s: SecAggSettings) -> str | None:
+    """What is wrong with the settings on their own (None: nothing)."""
+    t = s.reconstruction_threshold
+    checks = [
+        ("num_shares", s.num_shares is None or (_is_int(s.num_shares) and s.num_shares >= 3),
+         "null (every sampled client) or an integer >= 3"),
+        ("reconstruction_threshold", (_is_int(t) and t >= 2) or (
+            isinstance(t, float) and 0.5 < t <= 1),
+         "an integer >= 2 or a fraction of num_shares in (0.5, 1]"),
+        ("clipping_range", isinstance(s.clipping_range, int | float)
+         and math.isfinite(s.clipping_range) and s.clipping_range > 0, "a number > 0"),
+        ("quantization_range", _is_int(s.quantization_range) and s.quantization_range >= 2,
+         "an integer >= 2"),
+        ("modulus_range", _is_int(s.modulus_range) and s.modulus_range > s.quantization_range
+         and s.modulus_range <= 2**32 and bin(s.modulus_range).count("1") == 1,
+         "a power of 2 above quantization_range and at most 2**32"),
+        ("max_weight", isinstance(s.max_weight, int | float) and s.max_weight > 0, "> 0"),
+        ("timeout", s.timeout is None or (isinstance(s.timeout, int | float) and s.timeout > 0),
+         "null (round_timeout) or > 0 seconds"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            return f"secagg.{key}={getattr(s, key)} is invalid: it must be {expected}."
+    return None
+
+
+def share_plan(s: SecAggSettings, num_sampled: int) -> tuple[int, int]:
+    """(shares per secret k, threshold t) for a round of `num_sampled` clients; ValueError
+    saying what to change when the cohort cannot be aggregated securely."""
+    if num_sampled < 2:
+        raise ValueError(f"secure aggregation needs at least 2 clients per round, the round "
+                         f"samples {num_sampled}: raise fraction_train or min_clients.")
+    shares = num_sampled if s.num_shares is None else s.num_shares
+    if shares > num_sampled:
+        raise ValueError(f"secagg.num_shares={shares} exceeds the {num_sampled} clients a round "
+                         "samples: lower it or use null (one share per sampled client).")
+    if shares < num_sampled and shares % 2 == 0:
+        raise ValueError(f"secagg.num_shares={shares} must be odd when below the cohort "
+                         f"({num_sampled}): each client shares with (k-1)/2 ring neighbours "
+                         "on either side.")
+    t = s.reconstruction_threshold
+    threshold = max(2, math.ceil(t * shares)) if isinstance(t, float) else t
+    if not shares / 2 < threshold <= shares:
+        raise ValueError(
+            f"secagg.reconstruction_threshold={t} gives {threshold} of {shares} shares: it must "
+            f"be above half of num_shares (else a server could rebuild both secrets of a "
+            f"client) and at most num_shares, i.e. in ({shares // 2}, {shares}].")
+    if num_sampled * s.quantization_range >= s.modulus_range:
+        raise ValueError(
+            f"{num_sampled} clients x secagg.quantization_range={s.quantization_range} reach "
+            f"secagg.modulus_range={s.modulus_range}: the sum would wrap around. Lower "
+            "quantization_range (coarser steps) or sample fewer clients per round.")
+    return shares, threshold
+
+
+def config_problem(cfg: Mapping) -> str | None:
+    """Why a composed run config cannot use its `secagg` setting (None: it can).
+
+    The cohort-size checks need num_clients; with num_clients=null they run each round."""
+    section = cfg.get("secagg") or {}
+    name = section.get("name", "none")
+    if name not in NAMES:
+        return f"secagg.name={name} is invalid: it must be one of {', '.join(NAMES)}."
+    if name == "none":
+        return None
+    strategy = cfg["strategy"]
+    target = str(strategy["_target_"])
+    short = target.rsplit(".", 1)[-1]
+    if target not in AVERAGING:
+        why = NEEDS_INDIVIDUAL_UPDATES.get(
+            short, "it does not aggregate by a (weighted) mean of the replies")
+        return (f"secagg=secaggplus cannot run with strategy {short}: {why}, and secure "
+                "aggregation reveals only the sum. Use fedavg, fedsgd, fedprox, fedadam, "
+                "fedyogi, dp_fedavg or dp_fedsgd, or secagg=none.")
+    if short == "DPNoise" and strategy.get("clipping", "fixed") != "fixed":
+        return ("secagg=secaggplus cannot run with adaptive clipping (dp_fedavg_adaptive): it "
+                "counts on the server the updates whose norm is below C, which needs each "
+                "update's norm, and secure aggregation reveals only the sum. Use "
+                "strategy.clipping=fixed, or secagg=none.")
+    if cfg.get("client_pool") is not None:
+        return ("secagg=secaggplus needs one SuperNode per client (each holds its own keys "
+                "for the round), but client_pool serves several clients per node: set "
+                "client_pool=null.")
+    settings = SecAggSettings.from_config(section)
+    if problem := settings_problem(settings):
+        return problem
+    if short == "DPNoise" and settings.clipping_range < float(strategy["clip_norm"]):
+        return (f"secagg.clipping_range={settings.clipping_range} is below strategy.clip_norm="
+                f"{strategy['clip_norm']}: a clipped update's coordinates reach clip_norm, "
+                "so raise clipping_range to at least clip_norm.")
+    if cfg.get("num_clients"):
+        try:
+            share_plan(settings, expected_cohort(cfg))
+        except ValueError as err:
+            return str(err)
+    return None
+
+
+def expected_cohort(cfg: Mapping) -> int:
+    """The clients a round samples: Flower's and fl_app's fraction rule, or for central DP's
+    Poisson sampling the expected q·N (rounds then vary around it)."""
+    n, fraction = int(cfg["num_clients"]), float(cfg["fraction_train"])
+    if str(cfg["strategy"]["_target_"]).endswith("DPNoise"):
+        return max(round(n * fraction), 1)
+    return min(n, max(int(n * fraction), int(cfg["min_clients"])))
