@@ -101,6 +101,23 @@ def test_each_strategy_completes_over_tls_and_learns(federation, tmp_path, strat
         assert re.search(r"fl-app-executor: task \d+ completed", log), f"executor-{i}: {log}"
 
 
+def test_secure_aggregation_reaches_the_accuracy_of_the_same_run_without_it(federation,
+                                                                            tmp_path):
+    accuracy = {}
+    for secagg in ("none", "secaggplus"):
+        result, out = _run(federation, f"secagg-{secagg}", {
+            "dataset": "digits", "secagg": secagg, "overrides": "num_rounds=2 lr=0.1"}, tmp_path)
+        assert result.status == "finished:completed", result.log[-3000:]
+        rows = _rows(out)
+        assert all(not r["lost_nodes"] for r in rows)
+        # the rounds of the secaggplus run went through the secure sum, with all 3 clients
+        expected = [None, None] if secagg == "none" else [3, 3]
+        assert [r.get("secagg_clients") for r in rows] == expected
+        accuracy[secagg] = json.loads((out / "summary.json").read_text())["test_accuracy"]
+    assert accuracy["none"] > 0.3
+    assert abs(accuracy["secaggplus"] - accuracy["none"]) <= 0.01, accuracy
+
+
 def test_killed_supernode_is_survived_logged_and_its_restart_rejoins(federation, tmp_path):
     out = tmp_path / "faults"
 

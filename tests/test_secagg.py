@@ -187,6 +187,7 @@ def test_server_side_hands_the_strategy_only_the_mean(monkeypatch):
             assert not np.allclose(from_array_record(seen[0][0].content["arrays"])[key],
                                    update[key])
     assert row["sampled"] == 5 and row["lost_nodes"] == [] and row["bytes_received"] > 0
+    assert row["secagg_clients"] == 5
 
 
 @pytest.mark.parametrize("stage", ["collect", "unmask"])

@@ -38,7 +38,8 @@ def secure_train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int
     dp = strategy if isinstance(strategy, DPNoise) else None
     if dp is not None and not messages:  # Poisson sampling drew nobody: noise is still released
         new, metrics = dp.release_secure_sum(rnd, None, 0, 0, MetricRecord({}))
-        return from_array_record(new), _row(rnd, messages, [], 0, 0, metrics)
+        return from_array_record(new), _row(rnd, messages, [], 0, 0, metrics) | {
+            "secagg_clients": 0}
     result = secure_sum(
         rnd, messages, s, lambda m, t: exchange(grid, m, t), timeout, cfg.round_timeout,
         weighted=dp is None and getattr(strategy, "weighted", True),
@@ -56,8 +57,8 @@ def secure_train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int
     else:
         new, metrics = strategy.aggregate_train(rnd, [mean_reply(result, messages[0], weights)])
     new_weights = weights if new is None else from_array_record(new)
-    return new_weights, _row(rnd, messages, result.lost, result.bytes_sent,
-                             result.bytes_received, metrics)
+    row = _row(rnd, messages, result.lost, result.bytes_sent, result.bytes_received, metrics)
+    return new_weights, row | {"secagg_clients": result.num_clients}
 
 
 def result_metrics(result: SecureSum) -> dict[str, float]:
