@@ -9,7 +9,8 @@ Parts: sim (20-client round time vs a plain PyTorch loop), startup (when the fir
 step runs, and each start-up stage), aggregate (strategies vs a NumPy weighted average, memory
 vs C), scale (1,000 and 10,000 clients), deploy (3 SuperNodes vs simulation, the round floor and
 its parts), datapath (Message → first training step), device (2NN and CNN round time
-in-process, CPU vs GPU where there is one), profile (py-spy of a simulation's
+in-process, CPU vs GPU where there is one), secagg (round time and bytes with and without
+secure aggregation, 2NN and CNN, 10 and 100 clients), profile (py-spy of a simulation's
 processes, start-up parts alone; not in the default set).
 
 Prints one table (figure | measured | target | plain Flower, from the issue) and writes it, with
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.common import Part, Row  # noqa: E402
 
-ALL = ["sim", "startup", "aggregate", "scale", "deploy", "datapath", "device"]
+ALL = ["sim", "startup", "aggregate", "scale", "deploy", "datapath", "device", "secagg"]
 EXTRA = ["profile"]
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +72,8 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-ORDER = ["sim", "startup", "profile", "aggregate", "scale", "deploy", "datapath", "device"]
+ORDER = ["sim", "startup", "profile", "aggregate", "scale", "deploy", "datapath", "device",
+         "secagg"]
 
 
 def write(out: Path, parts: dict[str, dict]) -> str:
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--rounds-mlp", type=int, default=4)
     parser.add_argument("--deploy-rounds", type=int, default=3)
     parser.add_argument("--agg-sizes", default="10,100,1000")
+    parser.add_argument("--secagg-rounds", type=int, default=3)
     parser.add_argument("--scale-sizes", default="1000,10000")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch/OpenMP threads in every process (OMP_NUM_THREADS, "
@@ -202,6 +205,9 @@ def main() -> None:
             from bench import device
             attempt("device", lambda: device.run(work / "device", args.rounds_cnn,
                                                  args.rounds_mlp))
+        if "secagg" in parts:
+            from bench import secagg
+            attempt("secagg", lambda: secagg.run(work / "secagg", args.secagg_rounds))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -9,10 +9,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
     encrypt,
-    generate_shared_key,
 )
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 from strategy_helpers import set_task_identity
 
 from fl_app import client_core, server_loop
@@ -291,10 +289,9 @@ def test_a_tampered_share_ciphertext_is_rejected_by_its_recipient():
 def test_a_wrong_length_share_is_rejected_by_its_recipient():
     grid, r, _, replies = _keys_shared()
     sender = dict(grid.contexts[1].state["secagg"])
-    pk2_of_0 = sender["pk2s"][list(sender["node-ids"]).index(0)]
-    key = generate_shared_key(bytes_to_private_key(sender["sk2"]), bytes_to_public_key(pk2_of_0))
-    short = encrypt(key, share_keys_plaintext_concat(1, 0, b"\x01" * 20, b"\x02" * 324))
-    with pytest.raises(SecAggError, match="a share from node 1 is 20 bytes, not 52"):
+    key = sender["channel-keys"][list(sender["channel-ids"]).index(0)]  # node 1 -> node 0
+    short = encrypt(key, share_keys_plaintext_concat(1, 0, b"\x01" * 30, b"\x02" * 68))
+    with pytest.raises(SecAggError, match="a share from node 1 is 30 bytes, not 20"):
         _collect(grid, r, 0, [1, 2], [short, _ciphertext(replies, 2, 0)])
 
 
@@ -391,7 +388,7 @@ def test_strategies_that_need_individual_updates_refuse_secagg(strategy, why):
 @pytest.mark.parametrize("overrides,named", [
     (["secagg.reconstruction_threshold=2", "num_clients=5"], "above half of num_shares"),
     (["secagg.num_shares=4", "num_clients=9"], "must be odd"),
-    (["secagg.num_shares=12", "num_clients=10"], "exceeds the 10 clients"),
+    (["secagg.reconstruction_threshold=11", "num_clients=10"], "in (5, 10]"),
     (["secagg.reconstruction_threshold=0.4"], "fraction of num_shares in (0.5, 1]"),
     (["secagg.modulus_range=1000"], "a power of 2"),
     (["client_pool=2", "num_clients=10"], "client_pool serves several clients"),
@@ -407,6 +404,7 @@ def test_bad_secagg_settings_are_refused_with_one_line_naming_them(overrides, na
 def test_share_plan_resolves_a_threshold_fraction_of_the_shares():
     assert share_plan(SecAggSettings(), 10) == (10, 7)
     assert share_plan(SecAggSettings(num_shares=5, reconstruction_threshold=3), 100) == (5, 3)
+    assert share_plan(SecAggSettings(num_shares=11), 4) == (4, 3)  # capped at the cohort
     with pytest.raises(ValueError, match="at least 2 clients"):
         share_plan(SecAggSettings(), 1)
 

@@ -27,18 +27,25 @@ from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
     bytes_to_public_key,
-    public_key_to_bytes,
+    generate_key_pairs,
+    private_key_to_bytes,
 )
 
 from fl_app.secagg import vectors
-from fl_app.secagg.client import MASKED, REQUEST, config_record, settings_record
+from fl_app.secagg.client import (
+    MASKED,
+    REQUEST,
+    SEED_BYTES,
+    config_record,
+    key_from_scalar,
+    private_scalar,
+    settings_record,
+)
 from fl_app.secagg.settings import SecAggError, SecAggSettings, share_plan
 from fl_app.server_loop import payload_bytes
 
 MESSAGE_TYPE = "train.secagg"  # the ClientApp's @app.train("secagg") handler
-SEED_BYTES = 32
 
 Exchange = Callable[[Sequence[Message], float | None], list[Message]]
 
@@ -178,7 +185,7 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
                 "counts as dropped", rnd, nid, reply_names, names)
             continue
         names = reply_names
-        total = vector.astype(np.int64) if total is None else total + vector
+        total = vector.copy() if total is None else np.add(total, vector, out=total)
         for key, value in dict(reply.content["metrics"]).items():
             clear[key] = max(clear.get(key, float(value)), float(value))
         u3.add(nid)
@@ -238,41 +245,36 @@ def _check_shares(reply: Message, active: list[int], dead: list[int], nid: int
         raise SecAggError(f"secagg unmask: node {nid} returned shares of {owners}, asked for "
                           f"{active + dead}")
     for owner, share in zip(owners, shares, strict=True):
-        expected = _shamir_length(SEED_BYTES if owner in active else _SK1_BYTES)
+        expected = _shamir_length(SEED_BYTES if owner in active else SCALAR_BYTES)
         if len(share) != expected:
             raise SecAggError(f"secagg unmask: node {nid}'s share of node {owner} is "
                               f"{len(share)} bytes, not {expected} (altered or truncated)")
     return list(zip(owners, shares, strict=True))
 
 
-def _sk1_bytes() -> int:
-    from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key_to_bytes
-
-    return len(private_key_to_bytes(generate_key_pairs()[0]))
-
-
-_SK1_BYTES = _sk1_bytes()  # the serialized private key's fixed length for Flower's curve
+SCALAR_BYTES = len(private_scalar(private_key_to_bytes(generate_key_pairs()[0])))
 
 
 def _unmask(r: _Round, total: np.ndarray, seed_shares: dict[int, list[bytes]],
             sk1_shares: dict[int, list[bytes]], partners: dict[int, set[int]]) -> np.ndarray:
     """The sum with every private mask and every dropped client's pairwise masks taken off."""
-    length, s = len(total), r.s
+    length = len(total)
     for owner, shares in seed_shares.items():
-        total -= vectors.prg(_combine(shares, r.threshold, r.rnd, owner), length, s)
+        total -= vectors.prg(_combine(shares, r.threshold, r.rnd, owner), length)
     for owner, shares in sk1_shares.items():
-        secret = _combine(shares, r.threshold, r.rnd, owner)
-        sk1 = bytes_to_private_key(secret)
-        if public_key_to_bytes(sk1.public_key()) != r.pk1[owner]:
+        try:
+            sk1 = key_from_scalar(_combine(shares, r.threshold, r.rnd, owner), r.pk1[owner])
+        except ValueError:
             raise SecAggError(f"[round {r.rnd}] secure aggregation failed: the key rebuilt for "
                               f"dropped node {owner} does not match its public key (an altered "
-                              "share); the global model stays unchanged.")
+                              "share); the global model stays unchanged.") from None
         for survivor, its_partners in partners.items():
             if owner in its_partners and survivor in seed_shares:
-                seed = generate_shared_key(sk1, bytes_to_public_key(r.pk1[survivor]))
-                # The survivor added PRG(s) if its id was larger, else subtracted it.
-                total += (-1 if survivor > owner else 1) * vectors.prg(seed, length, s)
-    return np.mod(total, s.modulus_range)
+                key = generate_shared_key(sk1, bytes_to_public_key(r.pk1[survivor]))
+                # The survivor added PRG(key) if its id was larger, else subtracted it.
+                undo = np.subtract if survivor > owner else np.add
+                undo(total, vectors.prg(key, length), out=total)
+    return total
 
 
 def _combine(shares: list[bytes], threshold: int, rnd: int, owner: int) -> bytes:

@@ -93,10 +93,8 @@ def share_plan(s: SecAggSettings, num_sampled: int) -> tuple[int, int]:
     if num_sampled < 2:
         raise ValueError(f"secure aggregation needs at least 2 clients per round, the round "
                          f"samples {num_sampled}: raise fraction_train or min_clients.")
-    shares = num_sampled if s.num_shares is None else s.num_shares
-    if shares > num_sampled:
-        raise ValueError(f"secagg.num_shares={shares} exceeds the {num_sampled} clients a round "
-                         "samples: lower it or use null (one share per sampled client).")
+    # A cohort smaller than num_shares (Poisson sampling varies) shares with every client.
+    shares = min(num_sampled, s.num_shares or num_sampled)
     if shares < num_sampled and shares % 2 == 0:
         raise ValueError(f"secagg.num_shares={shares} must be odd when below the cohort "
                          f"({num_sampled}): each client shares with (k-1)/2 ring neighbours "

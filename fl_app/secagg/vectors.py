@@ -10,13 +10,22 @@ added as they are; the rest are Flower's stochastic quantization of [-c, c] onto
 Summed over n clients, the server decodes Σ ratio'·x with an error below n·Δ per coordinate
 (Δ = 2c/Q: stochastic rounding errs by less than one level), Σ ratio' exactly, the total
 number of examples, and how many values were clipped to [-c, c] (which the bound excludes).
+
+Masks are AES-CTR keystreams (the `cryptography` package Flower's primitives are built on),
+keyed by SHA-256 of a client's 15-byte private seed or of a pairwise ECDH key. Not Flower's
+`pseudo_rand_gen`: it folds every seed into 32 bits for numpy's Mersenne Twister, so a mask
+has at most 2**32 possible values a server could search, and it is 2-6x slower. Arithmetic is
+on uint32, which wraps modulo 2**32, a multiple of every allowed modulus_range (a power of 2
+up to 2**32); results are reduced to [0, modulus_range) at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
-from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
 from fl_app.secagg.settings import SecAggSettings
 
@@ -37,28 +46,34 @@ def encode(update: list[np.ndarray], metrics: list[float], ratio: float, num_exa
                            quantized.astype(np.int64)])
 
 
-def prg(seed: bytes, length: int, s: SecAggSettings) -> np.ndarray:
-    """The mask a seed expands to (Flower's SecAgg+ generator), int64 in [0, modulus_range)."""
-    return pseudo_rand_gen(seed, s.modulus_range, [(length,)])[0]
+def prg(seed: bytes, length: int) -> np.ndarray:
+    """`length` uniform uint32 values: the AES-256-CTR keystream keyed by SHA-256(seed). Seeds
+    are fresh every round (new key pairs and private seeds), so a zero nonce never repeats a
+    stream."""
+    key = hashlib.sha256(seed).digest()
+    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    return np.frombuffer(stream.update(bytes(4 * length)), dtype="<u4")
 
 
 def mask(vector: np.ndarray, private_seed: bytes, pairwise: list[tuple[bytes, int]],
          s: SecAggSettings) -> np.ndarray:
-    """vector + PRG(private seed) + Σ sign·PRG(pairwise seed), mod modulus_range, as uint32.
+    """vector + PRG(private seed) + Σ sign·PRG(pairwise key), mod modulus_range, as uint32.
 
-    `pairwise`: (shared seed, +1 or -1) per neighbour; the two ends of a pair use opposite
+    `pairwise`: (shared key, +1 or -1) per neighbour; the two ends of a pair use opposite
     signs, so the pairwise masks cancel in the sum."""
-    masked = vector + prg(private_seed, len(vector), s)
-    for seed, sign in pairwise:
-        masked += sign * prg(seed, len(vector), s)
-    return np.mod(masked, s.modulus_range).astype(np.uint32)
+    masked = vector.astype(np.uint32)
+    masked += prg(private_seed, len(vector))
+    for key, sign in pairwise:
+        (np.add if sign > 0 else np.subtract)(masked, prg(key, len(vector)), out=masked)
+    masked &= np.uint32(s.modulus_range - 1)
+    return masked
 
 
 def decode(total: np.ndarray, num_clients: int, num_metrics: int, s: SecAggSettings
            ) -> tuple[float, int, int, np.ndarray, np.ndarray]:
     """(Σ ratio', Σ num_examples, values clipped, Σ ratio'·metrics, Σ ratio'·update (flat))
-    from the unmasked sum of `num_clients` vectors."""
-    total = np.mod(total, s.modulus_range)
+    from the unmasked sum (uint32, wrapped) of `num_clients` vectors."""
+    total = (total & np.uint32(s.modulus_range - 1)).astype(np.int64)
     weight = float(total[0]) / s.quantization_range
     # Each client's quantized value is (v + c)·Q/2c: the n shifts of c come off once.
     values = dequantize([total[HEADER:]], s.clipping_range, s.quantization_range)[0]
