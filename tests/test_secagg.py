@@ -319,6 +319,15 @@ def test_a_stage_out_of_order_is_refused():
         client.answer(unmask, grid.contexts[0], lambda c: None)
 
 
+def test_a_client_with_a_non_finite_update_refuses_to_mask_it():
+    clients = fake_clients(4)
+    clients[2][0]["w"][5] = np.nan
+    grid = StageGrid(range(4), trainer(clients))
+    result = run_sum(grid, range(4))
+    assert result.lost == [2]
+    assert all(np.isfinite(v).all() for v in result.update_sum.values())
+
+
 def test_dp_clipping_on_the_client_keeps_the_quantized_update_within_clip_norm():
     rng = np.random.default_rng(4)
     update = [rng.normal(0, 1, 5000)]
@@ -344,7 +353,7 @@ def test_dp_noise_on_the_secure_sum_has_the_calibrated_std():
     result = server.secure_sum(1, train_messages(range(3), current), S, grid.send_and_receive,
                                None, 60, weighted=False, clip_norm=clip)
     assert result.weight == 3  # unweighted: each client counts once
-    new, metrics = dp.release_secure_sum(1, result.update_sum, 3, 0, MetricRecord({}))
+    new, metrics = dp.release_secure_sum(1, result.update_sum, 3, 150, 0, MetricRecord({}))
     noise = from_array_record(new)["w"].astype(np.float64)
     expected_std = sigma * clip / (q * num_clients)
     assert abs(noise.std() / expected_std - 1) < 0.03
@@ -358,7 +367,7 @@ def test_dp_with_secagg_releases_the_model_plain_dp_releases_up_to_quantization(
                    "fraction_train=1.0"])
     from hydra.utils import instantiate
     weights = _logreg_weights(cfg)
-    models = []
+    models, rows = [], []
     for secagg in ("secaggplus", "none"):
         cfg.secagg.name = secagg
         client_core.clear_client_cache()
@@ -366,10 +375,17 @@ def test_dp_with_secagg_releases_the_model_plain_dp_releases_up_to_quantization(
         strategy = instantiate(cfg.strategy)
         new, row = server_loop.train_round(grid, strategy, cfg, 1, dict(weights))
         models.append(new)
+        rows.append(row)
         assert row["train_epsilon"] > 0
     for key in weights:
         # clients clip to C - Δ·sqrt(d) instead of C: a relative change below 1e-4 here
         assert np.abs(models[0][key] - models[1][key]).max() < 1e-4
+    # The same metrics, but for replies the server screened out: under secagg it sees none
+    # (a client with a non-finite update refuses, and counts in lost_nodes).
+    plain_keys = {k for k in rows[1] if k.startswith("train_")} - {"train_num-dropped"}
+    assert plain_keys - set(rows[0]) == set()
+    for key in ("train_epsilon", "train_num-clients", "train_num-examples", "train_num-clipped"):
+        assert rows[0][key] == pytest.approx(rows[1][key])
 
 
 @pytest.mark.parametrize("strategy,why", [

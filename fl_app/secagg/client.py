@@ -209,6 +209,8 @@ def collect(state: dict, request: dict, node_id: int, content: RecordDict,
     arrays, metrics = reply["arrays"], dict(reply["metrics"])
     num_examples = int(metrics.pop("num-examples"))
     update = [arrays[k].numpy() for k in received]  # the server's array order
+    if not all(np.isfinite(a).all() for a in update):  # it would corrupt the sum unseen
+        raise SecAggError(f"Node {node_id}: the local update holds NaN or Inf; not sending it.")
     if float(request.get("clip-norm", 0.0)) > 0:  # central DP: the server cannot clip
         update, scaled = clip_for_dp(update, float(request["clip-norm"]), s)
         metrics[DP_CLIPPED] = float(scaled)  # summed: the round's count of clipped updates

@@ -37,7 +37,7 @@ def secure_train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int
     timeout = s.timeout if s.timeout is not None else cfg.round_timeout
     dp = strategy if isinstance(strategy, DPNoise) else None
     if dp is not None and not messages:  # Poisson sampling drew nobody: noise is still released
-        new, metrics = dp.release_secure_sum(rnd, None, 0, 0, MetricRecord({}))
+        new, metrics = dp.release_secure_sum(rnd, None, 0, 0, 0, MetricRecord({}))
         return from_array_record(new), _row(rnd, messages, [], 0, 0, metrics) | {
             "secagg_clients": 0}
     result = secure_sum(
@@ -48,7 +48,8 @@ def secure_train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int
         averages = result_metrics(result)
         num_clipped = round(averages.pop(DP_CLIPPED, 0.0) * result.weight)
         new, metrics = dp.release_secure_sum(rnd, result.update_sum, result.num_clients,
-                                             num_clipped, MetricRecord(averages))
+                                             result.num_examples, num_clipped,
+                                             MetricRecord(averages))
     elif result.num_clients < getattr(strategy, "min_train_nodes", 0):
         log(WARNING, "[round %d] only %d of %d sampled clients are in the secure sum, below "
             "min_clients=%d: global model unchanged", rnd, result.num_clients, len(messages),

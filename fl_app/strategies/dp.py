@@ -250,11 +250,12 @@ class DPNoise(PresampledNoise, Strategy):
         )
 
     def release_secure_sum(self, server_round: int, clipped_sum: dict[str, np.ndarray] | None,
-                           num_clients: int, num_clipped: int, client_metrics: MetricRecord
-                           ) -> tuple[ArrayRecord, MetricRecord]:
+                           num_clients: int, num_examples: int, num_clipped: int,
+                           client_metrics: MetricRecord) -> tuple[ArrayRecord, MetricRecord]:
         """`aggregate_train` for secure aggregation (fl_app.secagg): the clients clipped their
-        own updates to clip_norm and the server holds only their sum (None: nobody sampled).
-        The same N(0, sigma^2 C^2) noise, denominator q*N and accounting are applied to it."""
+        own updates to clip_norm and the server holds only their sum (None: nobody sampled),
+        and the clients' mean metrics. The same N(0, sigma^2 C^2) noise, denominator q*N and
+        accounting are applied to it."""
         if self.adaptive_clip is not None:
             raise ValueError("Adaptive clipping needs each update's norm, which secure "
                              "aggregation hides: use clipping=fixed.")
@@ -267,8 +268,10 @@ class DPNoise(PresampledNoise, Strategy):
                       else self.inner.commit(total))
         self.rounds_done += 1
         self.epsilon = self._epsilon_after(self.rounds_done)
+        averager = MetricAverager(self.inner.client_epsilon_max)  # client-side DP's worst ε
+        averager.add(num_examples, client_metrics)
         metrics_out = MetricRecord({
-            **client_metrics, "num-clients": num_clients, "num-clipped": num_clipped,
+            **averager.record(), "num-clients": num_clients, "num-clipped": num_clipped,
             "epsilon": self.epsilon, "delta": self.delta, "clip-norm": self.clip_norm,
             "noise-multiplier": self.noise_multiplier,
             "update-noise-multiplier": self.update_noise_multiplier})
