@@ -75,6 +75,7 @@ def check_resumable(folder: Path, cfg: DictConfig) -> None:
         raise ConfigError(f"Cannot resume: {saved_file} is missing, so the run's config is "
                           "unknown.")
     saved = _comparable(OmegaConf.load(saved_file))
+    saved.setdefault("secagg.name", "none")  # a run from before secure aggregation existed
     current = _comparable(cfg)
     differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if differ:

@@ -38,7 +38,7 @@ from fl_app.strategies.accounting import (
 from fl_app.strategies.adaptive_clipping import QuantileClipNorm
 from fl_app.strategies.base import SampledStrategy
 from fl_app.strategies.dp_clipping import CLIPPING_MODES, add_clipped_updates, clip_scale
-from fl_app.strategies.dp_noise import PresampledNoise
+from fl_app.strategies.dp_secure_sum import SecureSumRelease
 from fl_app.strategies.dp_settings import checked_settings
 from fl_app.strategies.metrics import MetricAverager
 from fl_app.strategies.sampling import poisson_sample
@@ -52,7 +52,7 @@ _CLIP_NORM = "dp.clip-norm"
 _INNER = "inner."
 
 
-class DPNoise(PresampledNoise, Strategy):
+class DPNoise(SecureSumRelease, Strategy):
     """User-level central DP with fixed or adaptive clipping and Poisson sampling.
 
     Parameters
@@ -248,33 +248,3 @@ class DPNoise(PresampledNoise, Strategy):
         self.inner.load_state_dict(
             {k[len(_INNER):]: v for k, v in state.items() if k.startswith(_INNER)}
         )
-
-    def release_secure_sum(self, server_round: int, clipped_sum: dict[str, np.ndarray] | None,
-                           num_clients: int, num_examples: int, num_clipped: int,
-                           client_metrics: MetricRecord) -> tuple[ArrayRecord, MetricRecord]:
-        """`aggregate_train` for secure aggregation (fl_app.secagg): the clients clipped their
-        own updates to clip_norm and the server holds only their sum (None: nobody sampled),
-        and the clients' mean metrics. The same N(0, sigma^2 C^2) noise, denominator q*N and
-        accounting are applied to it."""
-        if self.adaptive_clip is not None:
-            raise ValueError("Adaptive clipping needs each update's norm, which secure "
-                             "aggregation hides: use clipping=fixed.")
-        step, total = self._take_sum_start(server_round, self.clip_norm)
-        weight = (1.0 if step is None else step) / self.expected_clients
-        for key, acc in total.items():
-            if clipped_sum is not None:
-                axpy(acc, weight, clipped_sum[key])
-        new_global = (self.inner.apply_update(total) if step is None
-                      else self.inner.commit(total))
-        self.rounds_done += 1
-        self.epsilon = self._epsilon_after(self.rounds_done)
-        averager = MetricAverager(self.inner.client_epsilon_max)  # client-side DP's worst ε
-        averager.add(num_examples, client_metrics)
-        metrics_out = MetricRecord({
-            **averager.record(), "num-clients": num_clients, "num-clipped": num_clipped,
-            "epsilon": self.epsilon, "delta": self.delta, "clip-norm": self.clip_norm,
-            "noise-multiplier": self.noise_multiplier,
-            "update-noise-multiplier": self.update_noise_multiplier})
-        log(INFO, "DP round %s (secure sum): %d update(s), %d clipped; epsilon = %.4g "
-            "(delta = %g)", server_round, num_clients, num_clipped, self.epsilon, self.delta)
-        return self.inner.to_record(new_global), metrics_out
