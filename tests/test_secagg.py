@@ -202,6 +202,23 @@ def test_a_client_dropping_after_sharing_its_keys_does_not_fail_the_round(stage)
         assert error.max() <= bound
 
 
+def test_a_share_keys_reply_missing_a_neighbour_leaves_that_pair_unmasked_not_the_sum_wrong():
+    clients = fake_clients(5, seed=5)
+
+    def forget_node_0(stage, nid, content):
+        if stage == "share-keys" and nid == 1:
+            record = content["secagg"]
+            keep = [i for i, dst in enumerate(record["dsts"]) if dst != 0]
+            record["dsts"] = [record["dsts"][i] for i in keep]
+            record["ciphertexts"] = [record["ciphertexts"][i] for i in keep]
+
+    grid = StageGrid(range(5), trainer(clients), alter=forget_node_0)
+    result = run_sum(grid, range(5))
+    error = np.abs(result.update_sum["w"] / result.weight
+                   - plain_weighted_mean(clients, range(5), "w"))
+    assert error.max() <= mean_bound(result, clients, range(5))
+
+
 def test_ring_neighbourhoods_survive_a_dropout_too():
     clients = fake_clients(9, seed=2)
     s = SecAggSettings(num_shares=5, reconstruction_threshold=3)

@@ -150,20 +150,26 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
         contents[nid] = r.request("share-keys", **{"node-ids": ids,
                                                     "pk1s": [keys[i][0] for i in ids],
                                                     "pk2s": [keys[i][1] for i in ids]})
-    forwards: dict[int, list[tuple[int, bytes]]] = {nid: [] for nid in u1}
+    sent: dict[tuple[int, int], bytes] = {}  # (src, dst): src's shares for dst, encrypted
     replies = r.send(contents, "share-keys")
     for nid, reply in replies.items():
         record = reply.content[REQUEST]
         for dst, ciphertext in zip(record.get("dsts", []), record.get("ciphertexts", []),
                                    strict=True):
             if int(dst) in r.neighbours[nid] & u1:
-                forwards[int(dst)].append((nid, bytes(ciphertext)))
+                sent[nid, int(dst)] = bytes(ciphertext)
     u2 = set(replies)
+    # Two clients mask with each other only if both sent the other its shares: a one-sided
+    # pair (a malformed reply) would leave a pairwise mask in the sum that nothing cancels.
+    forwards: dict[int, list[tuple[int, bytes]]] = {nid: [] for nid in u2}
+    for (src, dst), ciphertext in sent.items():
+        if dst in u2 and (dst, src) in sent:
+            forwards[dst].append((src, ciphertext))
     r.require(u2, u2, "share-keys")
     # Stage 3: collect masked vectors (the clients train here).
     contents, partners = {}, {}
     for nid in u2:
-        srcs = [(src, c) for src, c in forwards[nid] if src in u2]
+        srcs = sorted(forwards[nid])
         partners[nid] = {src for src, _ in srcs}
         train = by_node[nid].content
         contents[nid] = RecordDict({"arrays": train["arrays"], "config": train["config"],
