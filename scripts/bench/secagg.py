@@ -3,8 +3,10 @@
 every round (fraction_train=1), on `fl-app`'s in-process engine (clients one after another in
 one process: the protocol's compute cost, no network).
 
-Round time is the median of the rounds after the first (the first also builds the clients);
-bytes per round are what the server sent plus received (all four protocol stages with secagg).
+Round time is the fastest of the rounds after the first (the first also builds the clients),
+over `repeats` runs of each, plain and secagg alternating: on a machine other jobs load, a CNN
+round was seen to take 7 s or 100 s, and the fastest round is the one least inflated. Bytes per
+round are what the server sent plus received (all four protocol stages with secagg).
 At 10 clients every client holds a share of every other (num_shares=null: SecAgg); at 100 each
 has 10 ring neighbours (num_shares=11, SecAgg+): with one share per client a 100-client round
 spends minutes in Shamir sharing alone (pycryptodome, pure Python).
@@ -33,17 +35,28 @@ def _run(out: Path, model: str, clients: int, rounds: int, secagg: bool) -> dict
     result = fl_app_default(out, overrides)
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     result["bytes_per_round"] = median([r["bytes_sent"] + r["bytes_received"] for r in rows])
-    result["round"] = median(result["round_seconds"][1:] or result["round_seconds"])
     return result
 
 
-def run(work: Path, rounds: int = 3, sizes: tuple[int, ...] = (10, 100)) -> Part:
+def _fastest(runs: list[dict]) -> dict:
+    """The runs' figures, with `round` the fastest round after each run's first."""
+    rounds = [t for r in runs for t in (r["round_seconds"][1:] or r["round_seconds"])]
+    return {**runs[-1], "round": min(rounds), "all_round_seconds": [r["round_seconds"]
+                                                                     for r in runs]}
+
+
+def run(work: Path, rounds: int = 3, sizes: tuple[int, ...] = (10, 100),
+        repeats: int = 2) -> Part:
     work.mkdir(parents=True, exist_ok=True)
     part = Part()
     for model in MODELS:
         for clients in sizes:
-            plain = _run(work / f"{model}-{clients}-plain", model, clients, rounds, False)
-            secure = _run(work / f"{model}-{clients}-secagg", model, clients, rounds, True)
+            runs: dict[bool, list[dict]] = {False: [], True: []}
+            for i in range(repeats):
+                for secagg in (False, True):
+                    name = f"{model}-{clients}-{'secagg' if secagg else 'plain'}-{i}"
+                    runs[secagg].append(_run(work / name, model, clients, rounds, secagg))
+            plain, secure = _fastest(runs[False]), _fastest(runs[True])
             ratio = secure["round"] / plain["round"]
             part.data[f"{model}-{clients}"] = {"plain": plain, "secagg": secure}
             measured = (f"{fmt_s(secure['round'])} vs {fmt_s(plain['round'])} per round "
@@ -53,7 +66,8 @@ def run(work: Path, rounds: int = 3, sizes: tuple[int, ...] = (10, 100)) -> Part
                         f"accuracy {secure['accuracy']:.3f} vs {plain['accuracy']:.3f}")
             target = model == "2NN" and clients == 10
             part.rows.append(Row(
-                f"secagg: {model}, {clients} clients, secaggplus vs none (in-process)",
+                f"secagg: {model}, {clients} clients, secaggplus vs none (in-process, fastest "
+                f"round of {repeats} x {rounds - 1})",
                 measured + (verdict(ratio < TARGET) if target else ""),
                 f"< {TARGET:g}x round time" if target else "",
                 ok=ratio < TARGET if target else None))
