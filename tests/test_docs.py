@@ -28,6 +28,11 @@ SKIP: dict[str, str] = {
     "fl-app strategy=...": "a placeholder in prose: the strategy table's rows fill it in",
     "fl-app engine=flower strategy=...": "a placeholder in prose, as above",
 }
+# Commands the docs show being refused, each with the start of the error they document.
+REFUSED: dict[str, str] = {
+    "fl-app strategy=krum secagg=secaggplus":
+        "secagg=secaggplus cannot run with strategy Krum: Krum scores each client's update",
+}
 
 _FENCE = re.compile(r"^\s*```(\w*)\s*$")
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -211,6 +216,12 @@ def test_documented_command_composes(where, words, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    if text in REFUSED:
+        from fl_app.config import ConfigError
+
+        with pytest.raises(ConfigError, match=re.escape(REFUSED[text])):
+            _check(words)
+        return
     _check(words)
 
 
