@@ -6,7 +6,7 @@ in this process: an in-process grid hands each Message to the client of its node
 ClientApp would, so no SuperLink, Ray or ports are involved. Prints a Markdown table, writes
 `results.json` and a figure of test accuracy per round.
 
-    python scripts/dp_utility.py                       # the README's table (~12 min, 2 cores)
+    python scripts/dp_utility.py                       # docs/privacy.md's table (~12 min, 2 cores)
     python scripts/dp_utility.py --rounds 5 --only fedavg,dp_fedavg_hi   # a quick look
 """
 
@@ -48,7 +48,7 @@ ROWS = {
                      ["strategy=dp_fedavg", "strategy.noise_multiplier=1.0",
                       "strategy.clip_norm=1.0"]),
     # gamma = 0.1: with the median (0.5) C grew with the noise-inflated updates here, and the
-    # noise with it, until the model collapsed (see the README).
+    # noise with it, until the model collapsed (see docs/privacy.md).
     "dp_fedavg_adaptive": ("central DP-FedAvg, adaptive clipping",
                            ["strategy=dp_fedavg_adaptive", "strategy.noise_multiplier=1.0",
                             "strategy.clip_norm=0.1", "strategy.target_quantile=0.1"]),

@@ -1,4 +1,4 @@
-"""The utility script behind the README's privacy table runs every row end to end."""
+"""The utility script behind docs/privacy.md's utility table runs every row end to end."""
 
 import importlib.util
 import json

@@ -105,7 +105,7 @@ def test_flwr_run_and_fl_app_simulations_attach_to_a_running_ray_cluster(ray_hea
     assert result.status == "finished:completed", result.log[-3000:]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
-    # The README's command: with RAY_ADDRESS set, fl-app's default engine is Flower's.
+    # docs/performance.md's command: with RAY_ADDRESS set, fl-app's default engine is Flower's.
     app_env, app_home, app_port = _env(tmp_path, "fl-app-home", ray_head)
     try:
         proc = subprocess.run([str(Path(sys.executable).parent / "fl-app"), "dataset=digits",
