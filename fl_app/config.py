@@ -126,9 +126,9 @@ def check(cfg: DictConfig) -> None:
         if not ok:
             raise ConfigError(
                 f"{key}={OmegaConf.select(cfg, key)} is invalid: it must be {expected}.")
-    reason = device.problem(cfg.get("device", "auto"))
-    if reason:  # checked on the machine that composes: server, SuperNode, simulation actor
-        raise ConfigError(f"device={cfg.device} is invalid: {reason}.")
+    # Checked on the machine that composes: the server, a SuperNode, a simulation actor.
+    if error := device.invalid(cfg.get("device", "auto")):
+        raise ConfigError(error)
     if cfg.num_clients is not None and cfg.min_clients > cfg.num_clients:
         raise ConfigError(
             f"min_clients={cfg.min_clients} exceeds num_clients={cfg.num_clients}: "

@@ -45,15 +45,20 @@ def problem(setting: object) -> str | None:
     return None
 
 
+def invalid(setting: object) -> str | None:
+    """The one-line error for a `device` setting this machine cannot use, or None."""
+    reason = problem(setting)
+    return None if reason is None else f"device={setting} is invalid: {reason}."
+
+
 def resolve(setting: object) -> torch.device:
     """The torch.device of a `device` setting on this machine; ConfigError if there is none."""
     import torch
 
-    reason = problem(setting)
-    if reason is not None:
+    if error := invalid(setting):
         from fl_app.config import ConfigError
 
-        raise ConfigError(f"device={setting} is invalid: {reason}.")
+        raise ConfigError(error)
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(str(setting))

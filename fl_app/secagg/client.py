@@ -11,9 +11,9 @@
 
 The secrets between stages live in the node's `Context.state` (Flower keeps a node's Context
 for the run: in simulation, in deployment, and in fl-app's in-process engine), one round at a
-time; the stage and round recorded there refuse messages out of order. Only key agreement,
-Shamir sharing, authenticated encryption and the mask generator of Flower are used
-(`flwr.common.secure_aggregation`, `flwr.supercore.primitives.asymmetric`).
+time; the stage and round recorded there refuse messages out of order. Key agreement, Shamir
+sharing and authenticated encryption are Flower's (`flwr.common.secure_aggregation`,
+`flwr.supercore.primitives.asymmetric`); the masks are AES-CTR keystreams (`vectors.prg`).
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ CLEAR_METRIC_PREFIXES = ("local_", "dpsgd_")
 # The private mask seed (vectors.prg): 15 random bytes (120 bits) pad to one Shamir block, so
 # sharing it and rebuilding it cost half of what a 16- or 32-byte seed does.
 SEED_BYTES = 15
+# The private scalar of a key on the curve of Flower's generate_key_pairs (P-384): what is
+# Shamir-shared of sk1 (private_scalar).
+SCALAR_BYTES = (ec.SECP384R1.key_size + 7) // 8
 DP_CLIPPED = "secagg-dp-clipped"  # a metric: 1 if central DP's clipping scaled the update
 _SETTINGS = ("num_shares", "reconstruction_threshold", "clipping_range", "quantization_range",
              "modulus_range", "max_weight")

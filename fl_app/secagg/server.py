@@ -26,20 +26,16 @@ from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_public_key,
-    generate_key_pairs,
-    private_key_to_bytes,
-)
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from fl_app.secagg import vectors
 from fl_app.secagg.client import (
     MASKED,
     REQUEST,
+    SCALAR_BYTES,
     SEED_BYTES,
     config_record,
     key_from_scalar,
-    private_scalar,
     settings_record,
 )
 from fl_app.secagg.settings import SecAggError, SecAggSettings, share_plan
@@ -257,8 +253,6 @@ def _check_shares(reply: Message, active: list[int], dead: list[int], nid: int
                               f"{len(share)} bytes, not {expected} (altered or truncated)")
     return list(zip(owners, shares, strict=True))
 
-
-SCALAR_BYTES = len(private_scalar(private_key_to_bytes(generate_key_pairs()[0])))
 
 
 def _unmask(r: _Round, total: np.ndarray, seed_shares: dict[int, list[bytes]],
