@@ -148,7 +148,8 @@ def _torchvision(name: str, root: str | None, download: bool):
     fix = (f"put them there (`python scripts/prepare_data.py --from DIR --to {folder}` builds "
            "the folder from the original archives), or set data_root (or $FL_APP_DATA) to a "
            "folder that holds them, or use the embedded dataset=mnist5k or dataset=digits.")
-    if dataset_files.missing(name, folder) and download:
+    absent = dataset_files.missing(name, folder)
+    if absent and download:
         import torchvision
 
         cls = getattr(torchvision.datasets, TORCHVISION_SETS[name])
@@ -161,7 +162,7 @@ def _torchvision(name: str, root: str | None, download: bool):
                 f"Dataset '{name}' is not in {folder} and could not be downloaded ({cause}). "
                 f"It needs torchvision's files {dataset_files.expected(name, folder)}: "
                 f"Connect to the internet once, or {fix}") from None
-    absent = dataset_files.missing(name, folder)
+        absent = dataset_files.missing(name, folder)
     if absent:
         raise DatasetUnavailable(
             f"Dataset '{name}' is not in {folder}: missing {absent} of torchvision's files "
