@@ -32,12 +32,13 @@ def _identity(monkeypatch):
 class StageGrid:
     """Nodes that answer secagg stage messages with the real client code; `train(nid, content)`
     stands in for local training. `drop[stage]`: nodes that never answer that stage;
-    `alter(stage, nid, content)`: change a reply's content before the server sees it."""
+    `alter(stage, nid, content)`: change a reply's content before the server sees it.
+    `catch`: the client exceptions that become error replies (a ClientApp turns any into one)."""
 
-    def __init__(self, node_ids, train, drop=None, alter=None):
+    def __init__(self, node_ids, train, drop=None, alter=None, catch=SecAggError):
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
                                     run_config={}) for n in node_ids}
-        self.train, self.drop, self.alter = train, drop or {}, alter
+        self.train, self.drop, self.alter, self.catch = train, drop or {}, alter, catch
         self.sent: list[Message] = []  # every message the server sent
         self.received: list[Message] = []  # every reply the server was given
 
@@ -54,7 +55,7 @@ class StageGrid:
             try:
                 content = client.answer(msg.content, self.contexts[nid],
                                         lambda c, nid=nid: self.train(nid, c))
-            except SecAggError as err:
+            except self.catch as err:
                 replies.append(Message(Error(code=0, reason=str(err)), reply_to=msg))
                 continue
             if self.alter:
