@@ -95,10 +95,13 @@ class _Round:
             message.metadata.ttl = float(self.ttl)
         replies = self.exchange(messages, self.timeout)
         self.sent += payload_bytes(messages)
-        self.received += payload_bytes(replies)
         usable = {}
         for reply in replies:
             src = reply.metadata.src_node_id
+            try:
+                self.received += payload_bytes([reply])
+            except Exception:  # noqa: BLE001 - a record Flower cannot size (an empty list)
+                pass
             if reply.has_error():
                 log(WARNING, "[round %d] secagg %s: node %d failed: %s", self.rnd, stage, src,
                     reply.error.reason)
