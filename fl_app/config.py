@@ -13,8 +13,10 @@ import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from logging import WARNING
 from pathlib import Path
 
+from flwr.common.logger import log
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -24,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fl_app import device
 from fl_app.secagg.settings import config_problem as secagg_problem
+from fl_app.secagg.settings import config_warning as secagg_warning
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("strategy", "model", "dataset", "partitioner", "privacy", "secagg")
@@ -138,6 +141,8 @@ def check(cfg: DictConfig) -> None:
         _check_client_pool(cfg)
     if problem := secagg_problem(cfg):
         raise ConfigError(problem)
+    if warning := secagg_warning(cfg):
+        log(WARNING, "%s", warning)
 
 
 def _is_number(value: object) -> bool:

@@ -15,7 +15,9 @@ Two choices (config group `privacy`), both independent of the server's strategy:
 Each client reports its own epsilon (`local_epsilon` / `dpsgd_epsilon`) with its train metrics;
 the state behind it (releases, Opacus' accountant history) survives the ClientApp's client
 cache through `state()` / `load_state()`, which the ClientApp keeps in Flower's Context.state.
-Example counts are sent as they are: like Opacus, this treats local dataset sizes as public.
+Without secure aggregation example counts are sent as they are (like Opacus, this treats local
+dataset sizes as public); with it, a count is only in the secure sum, and DP-SGD's epsilon,
+which depends on it, too (fl_app.secagg.client.PUBLIC_METRICS lists what stays in the clear).
 """
 
 from __future__ import annotations
@@ -123,8 +125,14 @@ class DPSGD:
         self.history: list[tuple[float, float, int]] = []
 
     def check_dataset_size(self, num_examples: int) -> None:
-        """Example-level delta must be well below 1/(number of this client's examples)."""
-        _delta(self.delta, num_examples, "(this client's training examples)")
+        """Example-level delta must be well below 1/(number of this client's examples). The
+        error names no count: it is the client's error reply, which the server reads, and with
+        secure aggregation a client's example count is not the server's to learn."""
+        if self.delta >= 1.0 / num_examples:
+            raise ValueError(
+                f"privacy.delta = {self.delta:g} is >= 1/(this client's training examples): "
+                "use a delta well below 1/(the largest client's number of training examples), "
+                "e.g. 1e-6.")
 
     def epsilon(self) -> float:
         """This client's example-level epsilon, from Opacus' RDP accountant."""

@@ -32,12 +32,13 @@ def _identity(monkeypatch):
 class StageGrid:
     """Nodes that answer secagg stage messages with the real client code; `train(nid, content)`
     stands in for local training. `drop[stage]`: nodes that never answer that stage;
-    `alter(stage, nid, content)`: change a reply's content before the server sees it."""
+    `alter(stage, nid, content)`: change a reply's content before the server sees it.
+    `catch`: the client exceptions that become error replies (a ClientApp turns any into one)."""
 
-    def __init__(self, node_ids, train, drop=None, alter=None):
+    def __init__(self, node_ids, train, drop=None, alter=None, catch=SecAggError):
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
                                     run_config={}) for n in node_ids}
-        self.train, self.drop, self.alter = train, drop or {}, alter
+        self.train, self.drop, self.alter, self.catch = train, drop or {}, alter, catch
         self.sent: list[Message] = []  # every message the server sent
         self.received: list[Message] = []  # every reply the server was given
 
@@ -54,7 +55,7 @@ class StageGrid:
             try:
                 content = client.answer(msg.content, self.contexts[nid],
                                         lambda c, nid=nid: self.train(nid, c))
-            except SecAggError as err:
+            except self.catch as err:
                 replies.append(Message(Error(code=0, reason=str(err)), reply_to=msg))
                 continue
             if self.alter:
@@ -142,8 +143,8 @@ def test_the_server_receives_masked_vectors_and_shares_never_an_update(monkeypat
             elif name == "metrics":
                 assert dict(record) == {}  # no clear metric without client-side DP
             else:
-                assert set(record) <= {"pk1", "pk2", "dsts", "ciphertexts", "metric-names",
-                                       "node-ids", "shares"}
+                assert set(record) <= {"pk1", "pk2", "dsts", "ciphertexts", "seed-hash",
+                                       "metric-names", "node-ids", "shares"}
     assert len(masked) == 4
     for vector in masked:
         assert vector.dtype == np.uint32
@@ -221,7 +222,7 @@ def test_a_share_keys_reply_missing_a_neighbour_leaves_that_pair_unmasked_not_th
 
 def test_ring_neighbourhoods_survive_a_dropout_too():
     clients = fake_clients(9, seed=2)
-    s = SecAggSettings(num_shares=5, reconstruction_threshold=3)
+    s = SecAggSettings(num_shares=5, reconstruction_threshold=4)
     grid = StageGrid(range(9), trainer(clients), drop={"collect": {4}})
     result = run_sum(grid, range(9), s=s)
     survivors = [n for n in range(9) if n != 4]
@@ -420,8 +421,9 @@ def test_strategies_that_need_individual_updates_refuse_secagg(strategy, why):
 
 @pytest.mark.parametrize("overrides,named", [
     (["secagg.reconstruction_threshold=2", "num_clients=5"], "above half of num_shares"),
-    (["secagg.num_shares=4", "num_clients=9"], "must be odd"),
-    (["secagg.reconstruction_threshold=11", "num_clients=10"], "in (5, 10]"),
+    (["secagg.num_shares=6", "num_clients=9"], "must be odd"),
+    (["secagg.num_shares=3", "num_clients=9"], "an integer >= 5"),
+    (["secagg.reconstruction_threshold=11", "num_clients=10"], r"in \[6, 10\]"),
     (["secagg.reconstruction_threshold=0.4"], "fraction of num_shares in (0.5, 1]"),
     (["secagg.modulus_range=1000"], "a power of 2"),
     (["client_pool=2", "num_clients=10"], "client_pool serves several clients"),
@@ -436,7 +438,7 @@ def test_bad_secagg_settings_are_refused_with_one_line_naming_them(overrides, na
 
 def test_share_plan_resolves_a_threshold_fraction_of_the_shares():
     assert share_plan(SecAggSettings(), 10) == (10, 7)
-    assert share_plan(SecAggSettings(num_shares=5, reconstruction_threshold=3), 100) == (5, 3)
+    assert share_plan(SecAggSettings(num_shares=5, reconstruction_threshold=4), 100) == (5, 4)
     assert share_plan(SecAggSettings(num_shares=11), 4) == (4, 3)  # capped at the cohort
     with pytest.raises(ValueError, match="at least 2 clients"):
         share_plan(SecAggSettings(), 1)

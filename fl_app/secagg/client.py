@@ -18,14 +18,17 @@ sharing and authenticated encryption are Flower's (`flwr.common.secure_aggregati
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable
+from logging import WARNING
 
 import numpy as np
 from cryptography.fernet import InvalidToken
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
     decrypt,
@@ -45,14 +48,22 @@ from flwr.supercore.primitives.asymmetric import (
 )
 
 from fl_app.secagg import vectors
-from fl_app.secagg.settings import SecAggError, SecAggSettings
+from fl_app.secagg.settings import SecAggError, SecAggSettings, plan_problem, settings_problem
 
 REQUEST = "secagg"      # the ConfigRecord every stage message (and reply) carries
 STATE = "secagg"        # the node's Context.state entry
 MASKED = "masked"       # the ArrayRecord of a collect reply
-# Client metrics that are privacy accounting (an epsilon, the noise settings), not data: sent
-# in the clear so the server can report the worst client's epsilon. All others are summed.
-CLEAR_METRIC_PREFIXES = ("local_", "dpsgd_")
+# A share-keys reply's commitment to the private mask seed b: SHA-256(b). It lets the server
+# tell a b rebuilt from an altered share from the real one (b is 120 random bits: the hash
+# reveals nothing of it).
+SEED_HASH = "seed-hash"
+# The only client metrics sent in the clear: privacy settings every client shares, and local
+# DP's epsilon, a function of those settings and of the rounds the server itself sent the
+# client. All others, DP-SGD's epsilon included (it depends on the client's example count),
+# are in the secure sum. docs/privacy.md lists them as what the server learns per client.
+PUBLIC_METRICS = frozenset({
+    "local_epsilon", "local_delta", "local_noise_multiplier", "local_clip_norm",
+    "dpsgd_delta", "dpsgd_noise_multiplier", "dpsgd_max_grad_norm"})
 # The private mask seed (vectors.prg): 15 random bytes (120 bits) pad to one Shamir block, so
 # sharing it and rebuilding it cost half of what a 16- or 32-byte seed does.
 SEED_BYTES = 15
@@ -118,8 +129,27 @@ def _check_order(state: dict, request: dict, stage: str, node_id: int) -> None:
             f"{before!r} of that round: a stale or reordered message; refusing it.")
 
 
+def _check_plan(request: dict) -> None:
+    """Refuse a setup whose share plan or settings are unsafe: a client does not take the
+    server's word that t of k protects it."""
+    shares, threshold = request.get("num_shares"), request.get("reconstruction_threshold")
+    problem = plan_problem(shares, threshold)
+    if problem is None:
+        try:
+            settings = SecAggSettings.from_config({k: request[k] for k in _SETTINGS})
+        except KeyError as err:
+            problem = f"the setup message lacks {err}"
+        else:
+            problem = settings_problem(SecAggSettings(**{**settings.__dict__,
+                                                          "num_shares": None}))
+    if problem is not None:
+        raise SecAggError(f"Refusing the server's secure aggregation setup: {problem}.")
+
+
 def setup(request: dict) -> tuple[dict, dict]:
-    """Two fresh key pairs per round; the public halves are the reply."""
+    """Two fresh key pairs per round, once the plan is checked; the public halves are the
+    reply."""
+    _check_plan(request)
     sk1, pk1 = generate_key_pairs()
     sk2, pk2 = generate_key_pairs()
     state = {k: request[k] for k in ("round", *_SETTINGS)}
@@ -139,6 +169,9 @@ def share_keys(state: dict, request: dict, node_id: int) -> tuple[dict, dict]:
     if len(ids) < threshold:
         raise SecAggError(f"Node {node_id}: only {len(ids)} neighbours (itself included) "
                           f"remain, below reconstruction_threshold={threshold}.")
+    if len(ids) > int(state["num_shares"]):  # more holders for the same t: an unsafe plan
+        raise SecAggError(f"Node {node_id}: the server lists {len(ids)} share holders, more "
+                          f"than the {state['num_shares']} of its setup: refusing to share.")
     if node_id not in ids or (pk1s[ids.index(node_id)], pk2s[ids.index(node_id)]) != (
             state["pk1"], state["pk2"]):
         raise SecAggError(f"Node {node_id}: the server's key list does not hold this node's own "
@@ -161,7 +194,8 @@ def share_keys(state: dict, request: dict, node_id: int) -> tuple[dict, dict]:
             node_id, nid, seed_share, sk1_share)))
     state |= {"stage": "share-keys", "seed": seed, "node-ids": ids, "pk1s": pk1s,
               "channel-ids": dsts, "channel-keys": channel_keys}
-    return {"dsts": dsts, "ciphertexts": ciphertexts}, state
+    return {"dsts": dsts, "ciphertexts": ciphertexts,
+            SEED_HASH: hashlib.sha256(seed).digest()}, state
 
 
 def _open_shares(state: dict, request: dict, node_id: int) -> tuple[list[int], list[bytes],
@@ -218,12 +252,18 @@ def collect(state: dict, request: dict, node_id: int, content: RecordDict,
         update, scaled = clip_for_dp(update, float(request["clip-norm"]), s)
         metrics[DP_CLIPPED] = float(scaled)  # summed: the round's count of clipped updates
     ratio = num_examples / s.max_weight if request.get("weighted", True) else 1.0
-    if ratio > 1:
-        raise SecAggError(f"Node {node_id}: {num_examples} examples exceed secagg.max_weight="
-                          f"{s.max_weight:g}: raise max_weight above the largest client.")
-    clear = {k: v for k, v in metrics.items() if k.startswith(CLEAR_METRIC_PREFIXES)}
+    if ratio > 1:  # the count stays here: the error reply goes to the server
+        log(WARNING, "secagg: this client's %d examples exceed secagg.max_weight=%g",
+            num_examples, s.max_weight)
+        raise SecAggError(f"Node {node_id}: this client's example count exceeds secagg."
+                          f"max_weight={s.max_weight:g}: raise max_weight above the largest "
+                          "client (the count is in the client's log).")
+    clear = {k: v for k, v in metrics.items() if k in PUBLIC_METRICS}
     names = sorted(k for k, v in metrics.items() if k not in clear
                    and isinstance(v, int | float) and not isinstance(v, bool))
+    if bad := [k for k in names if not math.isfinite(float(metrics[k]))]:
+        raise SecAggError(f"Node {node_id}: the training metric(s) {bad} are NaN or Inf; "
+                          "masked, they would corrupt the round's mean unseen: not sending.")
     vector = vectors.encode(update, [float(metrics[k]) for k in names], ratio, num_examples, s)
     sk1 = bytes_to_private_key(state["sk1"])
     ids, pk1s = list(state.get("node-ids", [])), list(state.get("pk1s", []))

@@ -7,6 +7,10 @@ messages go through SecAgg+, and the strategy is handed the sum instead of the r
   the mean of the individual replies.
 - Central DP (DPNoise) gets the sum of the client-clipped updates (`release_secure_sum`): the
   same noise, denominator and accountant as its own aggregate_train.
+
+A round whose cohort is too small for a safe share plan (Poisson sampling drew 1 client, or
+fewer than an integer threshold) is skipped: model unchanged, the round recorded with
+`secagg_skipped`, and under central DP the round still counted by the accountant.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from omegaconf import DictConfig
 from fl_app.records import from_array_record, to_array_record
 from fl_app.secagg.client import DP_CLIPPED
 from fl_app.secagg.server import SecureSum, secure_sum
-from fl_app.secagg.settings import SecAggSettings
+from fl_app.secagg.settings import SecAggSettings, can_aggregate
 from fl_app.server_loop import exchange
 from fl_app.strategies import DPNoise
+from fl_app.strategies.metrics import CLIENT_EPSILONS
 
 
 def secure_train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
@@ -40,6 +45,13 @@ def secure_train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int
         new, metrics = dp.release_secure_sum(rnd, None, 0, 0, 0, MetricRecord({}))
         return from_array_record(new), _row(rnd, messages, [], 0, 0, metrics) | {
             "secagg_clients": 0}
+    if not can_aggregate(s, len(messages)):
+        log(WARNING, "[round %d] secagg: %d sampled client(s) are too few for a safe share "
+            "plan; the round is skipped with the global model unchanged%s", rnd, len(messages),
+            " (the accountant still counts it)" if dp is not None else "")
+        metrics = dp.skip_secure_round(rnd) if dp is not None else None
+        return weights, _row(rnd, messages, [], 0, 0, metrics) | {
+            "secagg_clients": 0, "secagg_skipped": 1}
     result = secure_sum(
         rnd, messages, s, lambda m, t: exchange(grid, m, t), timeout, cfg.round_timeout,
         weighted=dp is None and getattr(strategy, "weighted", True),
@@ -63,8 +75,11 @@ def secure_train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int
 
 
 def result_metrics(result: SecureSum) -> dict[str, float]:
-    """The clients' weighted-mean metrics, and the largest of each clear (privacy) metric."""
-    means = {k: v / result.weight for k, v in result.metric_sums.items()}
+    """The clients' weighted-mean metrics, and the largest of each clear (privacy) metric. A
+    client-side epsilon in the sum (DP-SGD's: it is not public) is a mean, named `<key>_mean`:
+    never taken for the worst client's."""
+    means = {(f"{k}_mean" if k in CLIENT_EPSILONS else k): v / result.weight
+             for k, v in result.metric_sums.items()}
     return {**means, **result.clear_metrics}
 
 

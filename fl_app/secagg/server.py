@@ -16,6 +16,8 @@ the sum; it never reads a single client's update.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +30,8 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
-from fl_app.secagg import vectors
+from fl_app.secagg import replies, vectors
 from fl_app.secagg.client import (
-    MASKED,
     REQUEST,
     SCALAR_BYTES,
     SEED_BYTES,
@@ -84,6 +85,7 @@ class _Round:
                            if self.shares < n else set(order) for i, nid in enumerate(order)}
         self.sent = self.received = 0
         self.pk1: dict[int, bytes] = {}
+        self.seed_hashes: dict[int, bytes] = {}  # SHA-256(b) of each client of U2
 
     def send(self, contents: dict[int, RecordDict], stage: str) -> dict[int, Message]:
         """Send each node its content; the usable replies by node (error replies logged)."""
@@ -93,10 +95,13 @@ class _Round:
             message.metadata.ttl = float(self.ttl)
         replies = self.exchange(messages, self.timeout)
         self.sent += payload_bytes(messages)
-        self.received += payload_bytes(replies)
         usable = {}
         for reply in replies:
             src = reply.metadata.src_node_id
+            try:
+                self.received += payload_bytes([reply])
+            except Exception:  # noqa: BLE001 - a record Flower cannot size (an empty list)
+                pass
             if reply.has_error():
                 log(WARNING, "[round %d] secagg %s: node %d failed: %s", self.rnd, stage, src,
                     reply.error.reason)
@@ -108,7 +113,13 @@ class _Round:
         return RecordDict({REQUEST: config_record({"stage": stage, "round": self.rnd, **values})})
 
     def require(self, nodes: set[int], owners: set[int], stage: str) -> None:
-        """Every owner needs `threshold` of its share holders in `nodes`; else SecAggError."""
+        """Some node answered usably, and every owner has `threshold` of its share holders in
+        `nodes`; else SecAggError."""
+        if not nodes:
+            raise SecAggError(
+                f"[round {self.rnd}] secure aggregation failed at stage {stage}: no client gave "
+                "a usable reply (see the warnings above for each one's reason). The round ends "
+                "with the global model unchanged.")
         short = sorted(o for o in owners if len(self.neighbours[o] & nodes) < self.threshold)
         if short:
             raise SecAggError(
@@ -127,15 +138,16 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
 
     Each client trains on its train message's content (arrays, config) in the collect stage.
     `weighted`: weights num_examples / max_weight (else 1 each); `clip_norm` > 0: each client
-    clips its update to it first (central DP)."""
+    clips its update to it first (central DP). Every reply is checked (`replies`): a malformed
+    one is a dropout."""
     by_node = {m.metadata.dst_node_id: m for m in train_messages}
     r = _Round(rnd, list(by_node), s, exchange, timeout, ttl)
     log(INFO, "[round %d] secagg: %d clients, %d shares per secret, threshold %d", rnd,
         len(by_node), r.shares, r.threshold)
     # Stage 1: setup.
     setup = r.request("setup", **settings_record(s, r.shares, r.threshold))
-    keys = {nid: (bytes(m.content[REQUEST]["pk1"]), bytes(m.content[REQUEST]["pk2"]))
-            for nid, m in r.send(dict.fromkeys(by_node, setup), "setup").items()}
+    keys = replies.without_shared_keys(rnd, replies.usable(
+        rnd, "setup", r.send(dict.fromkeys(by_node, setup), "setup"), replies.setup_keys))
     u1 = set(keys)
     r.require(u1, u1, "setup")
     r.pk1 = {nid: pk1 for nid, (pk1, _) in keys.items()}
@@ -146,21 +158,18 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
         contents[nid] = r.request("share-keys", **{"node-ids": ids,
                                                     "pk1s": [keys[i][0] for i in ids],
                                                     "pk2s": [keys[i][1] for i in ids]})
-    sent: dict[tuple[int, int], bytes] = {}  # (src, dst): src's shares for dst, encrypted
-    replies = r.send(contents, "share-keys")
-    for nid, reply in replies.items():
-        record = reply.content[REQUEST]
-        for dst, ciphertext in zip(record.get("dsts", []), record.get("ciphertexts", []),
-                                   strict=True):
-            if int(dst) in r.neighbours[nid] & u1:
-                sent[nid, int(dst)] = bytes(ciphertext)
-    u2 = set(replies)
+    shared = replies.usable(rnd, "share-keys", r.send(contents, "share-keys"),
+                            lambda m, nid: replies.share_ciphertexts(
+                                m, r.neighbours[nid] & u1 - {nid}))
+    u2 = set(shared)
+    r.seed_hashes = {nid: commitment for nid, (_, commitment) in shared.items()}
     # Two clients mask with each other only if both sent the other its shares: a one-sided
     # pair (a malformed reply) would leave a pairwise mask in the sum that nothing cancels.
     forwards: dict[int, list[tuple[int, bytes]]] = {nid: [] for nid in u2}
-    for (src, dst), ciphertext in sent.items():
-        if dst in u2 and (dst, src) in sent:
-            forwards[dst].append((src, ciphertext))
+    for src, (ciphertexts, _) in shared.items():
+        for dst, ciphertext in ciphertexts.items():
+            if dst in u2 and src in shared[dst][0]:
+                forwards[dst].append((src, ciphertext))
     r.require(u2, u2, "share-keys")
     # Stage 3: collect masked vectors (the clients train here).
     contents, partners = {}, {}
@@ -175,21 +184,19 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
     reference = by_node[next(iter(u2))].content["arrays"]
     shapes = {k: tuple(reference[k].shape) for k in reference}
     dims = sum(int(np.prod(shape)) for shape in shapes.values())
+    collected = replies.usable(rnd, "collect", r.send(contents, "collect"),
+                               lambda m, nid: replies.masked_vector(
+                                   m, lambda num_metrics: vectors.HEADER + num_metrics + dims))
     total, names, clear, u3 = None, None, {}, set()
-    for nid, reply in r.send(contents, "collect").items():
-        vector, reply_names = _masked_vector(reply)
-        if vector is None or len(vector) != vectors.HEADER + len(reply_names) + dims:
-            log(WARNING, "[round %d] secagg collect: node %d sent a masked vector of the wrong "
-                "length; it counts as dropped", rnd, nid)
-            continue
+    for nid, (vector, reply_names, public) in collected.items():
         if names is not None and reply_names != names:
             log(WARNING, "[round %d] secagg collect: node %d reports metrics %s, others %s; it "
                 "counts as dropped", rnd, nid, reply_names, names)
             continue
         names = reply_names
         total = vector.copy() if total is None else np.add(total, vector, out=total)
-        for key, value in dict(reply.content["metrics"]).items():
-            clear[key] = max(clear.get(key, float(value)), float(value))
+        for key, value in public.items():
+            clear[key] = max(clear.get(key, value), value)
         u3.add(nid)
     r.require(u3, u3, "collect")
     # Stage 4: unmask.
@@ -197,18 +204,18 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
                                dead=sorted(partners[nid] - u3)) for nid in u3}
     seed_shares: dict[int, list[bytes]] = {nid: [] for nid in u3}
     sk1_shares: dict[int, list[bytes]] = {nid: [] for nid in u2 - u3}
-    u4 = set()
-    for nid, reply in r.send(contents, "unmask").items():
+
+    def check_shares(reply: Message, nid: int) -> list[tuple[int, bytes]]:
         asked = contents[nid][REQUEST]
-        try:
-            shares = _check_shares(reply, list(asked.get("active", [])),
-                                   list(asked.get("dead", [])), nid)
-        except SecAggError as err:
-            log(WARNING, "[round %d] %s; its shares are not used", rnd, err)
-            continue
+        active, dead = list(asked.get("active", [])), list(asked.get("dead", []))
+        return replies.unmask_shares(reply, nid, active, dead, lambda owner: _shamir_length(
+            SEED_BYTES if owner in active else SCALAR_BYTES))
+
+    revealed = replies.usable(rnd, "unmask", r.send(contents, "unmask"), check_shares)
+    for shares in revealed.values():
         for owner, share in shares:
             (seed_shares if owner in seed_shares else sk1_shares)[owner].append(share)
-        u4.add(nid)
+    u4 = set(revealed)
     r.require(u4, u3 | (u2 - u3), "unmask")
     total = _unmask(r, total, seed_shares, sk1_shares, partners)
     weight, examples, clipped, metric_values, flat = vectors.decode(total, len(u3), len(names), s)
@@ -226,48 +233,17 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
                      update, len(u3), clear, sorted(set(by_node) - u3), r.sent, r.received)
 
 
-def _masked_vector(reply: Message) -> tuple[np.ndarray | None, list[str]]:
-    """(the masked vector, the metric names) of a collect reply; (None, []) if malformed."""
-    try:
-        vector = reply.content[MASKED]["vector"].numpy()
-        names = [str(n) for n in reply.content[REQUEST].get("metric-names", [])]
-    except (KeyError, TypeError, ValueError):
-        return None, []
-    return (vector if vector.dtype == np.uint32 and vector.ndim == 1 else None), names
-
-
-def _check_shares(reply: Message, active: list[int], dead: list[int], nid: int
-                  ) -> list[tuple[int, bytes]]:
-    """(owner, share) pairs of an unmask reply: exactly the shares asked for, each of the
-    length Flower's sharing gives; SecAggError naming the node otherwise."""
-    record = reply.content[REQUEST]
-    owners = [int(i) for i in record.get("node-ids", [])]
-    shares = [bytes(b) for b in record.get("shares", [])]
-    if owners != active + dead or len(shares) != len(owners):
-        raise SecAggError(f"secagg unmask: node {nid} returned shares of {owners}, asked for "
-                          f"{active + dead}")
-    for owner, share in zip(owners, shares, strict=True):
-        expected = _shamir_length(SEED_BYTES if owner in active else SCALAR_BYTES)
-        if len(share) != expected:
-            raise SecAggError(f"secagg unmask: node {nid}'s share of node {owner} is "
-                              f"{len(share)} bytes, not {expected} (altered or truncated)")
-    return list(zip(owners, shares, strict=True))
-
-
-
 def _unmask(r: _Round, total: np.ndarray, seed_shares: dict[int, list[bytes]],
             sk1_shares: dict[int, list[bytes]], partners: dict[int, set[int]]) -> np.ndarray:
     """The sum with every private mask and every dropped client's pairwise masks taken off."""
     length = len(total)
     for owner, shares in seed_shares.items():
-        total -= vectors.prg(_combine(shares, r.threshold, r.rnd, owner), length)
+        seed = _combine(shares, r, owner, lambda b, o=owner: (
+            hashlib.sha256(b).digest() == r.seed_hashes[o]))
+        total -= vectors.prg(seed, length)
     for owner, shares in sk1_shares.items():
-        try:
-            sk1 = key_from_scalar(_combine(shares, r.threshold, r.rnd, owner), r.pk1[owner])
-        except ValueError:
-            raise SecAggError(f"[round {r.rnd}] secure aggregation failed: the key rebuilt for "
-                              f"dropped node {owner} does not match its public key (an altered "
-                              "share); the global model stays unchanged.") from None
+        scalar = _combine(shares, r, owner, lambda b, o=owner: _is_key_of(b, r.pk1[o]))
+        sk1 = key_from_scalar(scalar, r.pk1[owner])
         for survivor, its_partners in partners.items():
             if owner in its_partners and survivor in seed_shares:
                 key = generate_shared_key(sk1, bytes_to_public_key(r.pk1[survivor]))
@@ -277,16 +253,38 @@ def _unmask(r: _Round, total: np.ndarray, seed_shares: dict[int, list[bytes]],
     return total
 
 
-def _combine(shares: list[bytes], threshold: int, rnd: int, owner: int) -> bytes:
-    if len(shares) < threshold:
-        raise SecAggError(f"[round {rnd}] secure aggregation failed: {len(shares)} share(s) of "
-                          f"node {owner} came back, below reconstruction_threshold={threshold}; "
-                          "the global model stays unchanged.")
+def _is_key_of(scalar: bytes, public_key: bytes) -> bool:
     try:
-        return combine_shares(shares)
+        key_from_scalar(scalar, public_key)
     except ValueError:
-        raise SecAggError(f"[round {rnd}] secure aggregation failed: the shares of node "
-                          f"{owner} do not combine (altered shares); the global model stays "
-                          "unchanged.") from None
+        return False
+    return True
 
 
+# Subsets of t shares tried when the whole set rebuilds a wrong secret (an altered share).
+MAX_SUBSETS = 256
+
+
+def _combine(shares: list[bytes], r: _Round, owner: int, genuine: Callable[[bytes], bool]
+             ) -> bytes:
+    """The secret of `owner`'s shares that `genuine` accepts (its commitment or public key):
+    from all of them, else from the first subset of t that gives it; SecAggError if none."""
+    if len(shares) < r.threshold:
+        raise SecAggError(f"[round {r.rnd}] secure aggregation failed: {len(shares)} share(s) "
+                          f"of node {owner} came back, below reconstruction_threshold="
+                          f"{r.threshold}; the global model stays unchanged.")
+    candidates = itertools.chain([shares], itertools.islice(
+        itertools.combinations(shares, r.threshold), MAX_SUBSETS))
+    for subset in candidates:
+        try:
+            secret = combine_shares(list(subset))
+        except ValueError:
+            continue
+        if genuine(secret):
+            if len(subset) < len(shares):
+                log(WARNING, "[round %d] secagg unmask: some shares of node %d were altered; "
+                    "its secret was rebuilt from %d others", r.rnd, owner, len(subset))
+            return secret
+    raise SecAggError(f"[round {r.rnd}] secure aggregation failed: the shares of node {owner} "
+                      "do not rebuild its secret (altered shares); the global model stays "
+                      "unchanged.")

@@ -12,6 +12,19 @@ from dataclasses import dataclass
 
 NAMES = ("none", "secaggplus")
 
+# The smallest ring: with k = num_shares share holders (the client itself included) a plan
+# must satisfy 2t >= k + 2 (below) and should survive a dropout (t <= k - 1): k = 5, t = 4.
+MIN_RING_SHARES = 5
+# Share holders of one client that may collude with the server without it learning that
+# client's update. A server that lies about who dropped asks some holders for the shares of
+# the private mask seed b and the others for those of the key sk1; each honest holder reveals
+# one of the two. With c colluding holders it gets both iff (k - c) + 2c >= 2t, so a plan is
+# safe against c colluders iff 2t > k + c (Bell et al. 2020's condition that an honest
+# client's corrupted neighbours stay below 2t - k). One colluder is the minimum we accept.
+MIN_COLLUDERS = 1
+# Compose time warns when Poisson sampling skips more rounds than this (see skip_chance).
+SKIP_WARNING = 0.01
+
 # Strategies whose update is a (weighted) mean of the replies: the mean of the secure sum is all
 # they need. Anything else is refused, with the reason when it is known.
 AVERAGING = {
@@ -57,6 +70,32 @@ class SecAggSettings:
         return 2 * self.clipping_range / self.quantization_range
 
 
+def min_threshold(shares: int) -> int:
+    """The smallest safe threshold for `shares` holders: 2t >= k + MIN_COLLUDERS + 1."""
+    return -(-(shares + MIN_COLLUDERS + 1) // 2)
+
+
+def colluders_tolerated(shares: int, threshold: int) -> int:
+    """How many of a client's share holders can collude with a lying server and still not
+    rebuild both of its secrets: the largest c with 2t > k + c."""
+    return 2 * threshold - shares - 1
+
+
+def plan_problem(shares: object, threshold: object) -> str | None:
+    """Why a share plan (t of k) is unsafe or impossible (None: it is fine). Both sides ask:
+    the server before it sends the plan, each client before it shares its secrets."""
+    if not (_is_int(shares) and _is_int(threshold)) or shares < 2:
+        return (f"the share plan must be two integers, k >= 2 shares and a threshold t; got "
+                f"k={shares!r}, t={threshold!r}")
+    if not min_threshold(shares) <= threshold <= shares:
+        return (f"a threshold of {threshold} of {shares} shares is unsafe or impossible: it must "
+                f"be in [{min_threshold(shares)}, {shares}], so that 2t > k + "
+                f"{MIN_COLLUDERS} (above half of num_shares, plus {MIN_COLLUDERS} colluding "
+                "client: else a server that lies about dropouts rebuilds both secrets of a "
+                "client) and t <= k")
+    return None
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -65,8 +104,10 @@ def settings_problem(s: SecAggSettings) -> str | None:
     """What is wrong with the settings on their own (None: nothing)."""
     t = s.reconstruction_threshold
     checks = [
-        ("num_shares", s.num_shares is None or (_is_int(s.num_shares) and s.num_shares >= 3),
-         "null (every sampled client) or an integer >= 3"),
+        ("num_shares", s.num_shares is None or (
+            _is_int(s.num_shares) and s.num_shares >= MIN_RING_SHARES),
+         f"null (every sampled client) or an integer >= {MIN_RING_SHARES} (a smaller ring lets "
+         "the server and a client's few neighbours rebuild its secrets)"),
         ("reconstruction_threshold", (_is_int(t) and t >= 2) or (
             isinstance(t, float) and 0.5 < t <= 1),
          "an integer >= 2 or a fraction of num_shares in (0.5, 1]"),
@@ -100,12 +141,11 @@ def share_plan(s: SecAggSettings, num_sampled: int) -> tuple[int, int]:
                          f"({num_sampled}): each client shares with (k-1)/2 ring neighbours "
                          "on either side.")
     t = s.reconstruction_threshold
-    threshold = max(2, math.ceil(t * shares)) if isinstance(t, float) else t
-    if not shares / 2 < threshold <= shares:
-        raise ValueError(
-            f"secagg.reconstruction_threshold={t} gives {threshold} of {shares} shares: it must "
-            f"be above half of num_shares (else a server could rebuild both secrets of a "
-            f"client) and at most num_shares, i.e. in ({shares // 2}, {shares}].")
+    # A fraction is rounded up, and never below the safe minimum (small Poisson cohorts).
+    threshold = (max(min_threshold(shares), math.ceil(t * shares)) if isinstance(t, float)
+                 else t)
+    if problem := plan_problem(shares, threshold):
+        raise ValueError(f"secagg.reconstruction_threshold={t}: {problem}.")
     if num_sampled * s.quantization_range >= s.modulus_range:
         raise ValueError(
             f"{num_sampled} clients x secagg.quantization_range={s.quantization_range} reach "
@@ -164,3 +204,39 @@ def expected_cohort(cfg: Mapping) -> int:
     if str(cfg["strategy"]["_target_"]).endswith("DPNoise"):
         return max(round(n * fraction), 1)
     return min(n, max(int(n * fraction), int(cfg["min_clients"])))
+
+
+def can_aggregate(s: SecAggSettings, num_sampled: int) -> bool:
+    """Whether a cohort of `num_sampled` clients has a safe share plan."""
+    try:
+        share_plan(s, num_sampled)
+    except ValueError:
+        return False
+    return True
+
+
+def skip_chance(s: SecAggSettings, num_clients: int, rate: float) -> float:
+    """The chance that a Poisson-sampled round (each of `num_clients` in with probability
+    `rate`) draws a cohort of 1 or more clients without a safe share plan: such a round is
+    skipped. (An empty cohort is not skipped: central DP releases its noise.)"""
+    return sum(math.comb(num_clients, j) * rate**j * (1 - rate) ** (num_clients - j)
+               for j in range(1, num_clients + 1) if not can_aggregate(s, j))
+
+
+def config_warning(cfg: Mapping) -> str | None:
+    """A compose-time warning for a valid config (None: nothing to say): with central DP's
+    Poisson sampling, how often a round samples too few clients to aggregate securely."""
+    section = cfg.get("secagg") or {}
+    strategy = cfg["strategy"]
+    if (section.get("name", "none") == "none" or not cfg.get("num_clients")
+            or not str(strategy["_target_"]).endswith("DPNoise")):
+        return None
+    n, q = int(cfg["num_clients"]), float(cfg["fraction_train"])
+    chance = skip_chance(SecAggSettings.from_config(section), n, q)
+    if chance <= SKIP_WARNING:
+        return None
+    return (f"secagg with Poisson sampling (q=fraction_train={q:g} of {n} clients): a round "
+            f"samples too few clients for a safe share plan with chance {chance:.1%}, about "
+            f"{chance * int(cfg['num_rounds']):.1f} of num_rounds={cfg['num_rounds']} rounds. "
+            "Such a round is skipped (model unchanged, epsilon still spent): raise "
+            "fraction_train or num_clients.")

@@ -49,3 +49,17 @@ class SecureSumRelease(PresampledNoise):
         log(INFO, "DP round %s (secure sum): %d update(s), %d clipped; epsilon = %.4g "
             "(delta = %g)", server_round, num_clients, num_clipped, self.epsilon, self.delta)
         return self.inner.to_record(new_global), metrics_out
+
+    def skip_secure_round(self, server_round: int) -> MetricRecord:
+        """A round secure aggregation could not run (too few clients sampled for a safe share
+        plan): nothing is released and the model stays, but the round is counted as if it
+        were (the accountant's epsilon only grows), so the epsilon reported never undercounts
+        a round whose cohort depended on who was sampled."""
+        self._next_start = None  # this round's presampled noise is never used
+        self.rounds_done += 1
+        self.epsilon = self._epsilon_after(self.rounds_done)
+        log(INFO, "DP round %s (secure sum): skipped, nothing released; epsilon = %.4g "
+            "(delta = %g)", server_round, self.epsilon, self.delta)
+        return MetricRecord({"num-clients": 0, "epsilon": self.epsilon, "delta": self.delta,
+                             "clip-norm": self.clip_norm,
+                             "noise-multiplier": self.noise_multiplier})
