@@ -103,6 +103,8 @@ def update_and_squared_norm(arrays: dict[str, np.ndarray], offset: dict[str, np.
             if offset is not None:
                 np.subtract(flat[start:end], base[start:end], out=out[start:end])
             chunk = out[start:end]
+            if chunk.dtype.kind != "f":  # an integer dot product wraps instead of growing
+                chunk = chunk.astype(np.float64)
             total += float(np.dot(chunk, chunk))
         update[key] = array if offset is None else scratch[key]
     return update, total

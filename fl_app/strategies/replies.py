@@ -30,7 +30,7 @@ def check_reply(msg: Message, reference: dict[str, np.ndarray], check_values: bo
     """(arrays, num_examples, metrics) of a train reply that can be aggregated against the
     global model `reference`: the same names, and arrays whose bytes decode to the global
     model's shapes and dtypes (`dtypes`, what the model was sent in; default the reference's
-    own). Raise BadReply saying why otherwise.
+    own; see `_same_dtype`). Raise BadReply saying why otherwise.
 
     `check_values=False` skips the pass over the values (NaN / Inf) for a caller that finds
     them another way: in the sum of all replies, or in the reply's norm."""
@@ -83,13 +83,21 @@ def _decoded(key: str, array: Array, shape: tuple[int, ...], dtype: np.dtype) ->
         raise BadReply(f"'{key}' cannot be decoded ({type(exc).__name__}: {exc})") from None
     if value.dtype.kind not in _REAL_KINDS:
         raise BadReply(f"'{key}' has non-numeric dtype {value.dtype}")
-    if value.shape != shape or value.dtype != dtype:
+    if value.shape != shape or not _same_dtype(value.dtype, np.dtype(dtype)):
         raise BadReply(
             f"'{key}' holds a {value.dtype} array of shape {value.shape} (declared "
             f"{array.dtype} {tuple(array.shape)}); the global model's is {np.dtype(dtype)} "
-            f"{shape}: the client must send arrays shaped and typed like the model it got"
+            f"{shape}: the client must send arrays of the model's shape, in its dtype"
         )
     return value
+
+
+def _same_dtype(sent: np.dtype, model: np.dtype) -> bool:
+    """Whether a reply in `sent` fits a global model in `model`: the same dtype, or float32
+    for a float64 model (Flower's adaptive strategies keep the global model in float64 while
+    clients train in float32). Nothing narrower: int8 or float16 sums wrap or overflow where
+    the model's dtype would not (and an int8 norm, wrapped, would slip past DP clipping)."""
+    return sent == model or (sent == np.float32 and model == np.float64)
 
 
 def non_finite_array(arrays: dict[str, np.ndarray]) -> str | None:
