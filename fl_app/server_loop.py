@@ -33,9 +33,8 @@ from fl_app.strategies import (
     PrivacyBudgetExhausted,
     SampledStrategy,
 )
-from fl_app.strategies.base import BadReply, check_reply
 from fl_app.strategies.example_cap import ExampleCap
-from fl_app.strategies.metrics import NUM_EXAMPLES
+from fl_app.strategies.flower_replies import usable_replies
 
 
 def main(grid: Grid, context: Context) -> None:
@@ -279,26 +278,6 @@ def output_dir(cfg: DictConfig) -> Path:
     now = datetime.now()
     name = f"{now:%H-%M-%S}-{cfg.strategy._target_.rsplit('.', 1)[-1]}-{cfg.dataset.name}"
     return root / f"{now:%Y-%m-%d}" / name
-
-
-def usable_replies(rnd: int, replies: list[Message], weights: dict[str, np.ndarray],
-                   cap: ExampleCap | None = None) -> list[Message]:
-    """The replies fl_app's own strategies would accept, each num-examples bounded by `cap`
-    (Flower's strategies weight by it); the others are logged and dropped."""
-    usable = []
-    for reply in replies:
-        node_id = reply.metadata.src_node_id
-        try:
-            _, claimed, metrics = check_reply(reply, weights)
-        except Exception as err:  # noqa: BLE001 - a malformed reply must not end the run
-            reason = err if isinstance(err, BadReply) else f"unreadable reply ({err!r})"
-            log(WARNING, "[round %d] dropping reply from node %d: %s", rnd, node_id, reason)
-            continue
-        counted = claimed if cap is None else cap.bound(rnd, node_id, claimed)
-        if counted < claimed:
-            metrics[NUM_EXAMPLES] = int(counted) if counted.is_integer() else counted
-        usable.append(reply)
-    return usable
 
 
 def wait_for_clients(grid: Grid, cfg: DictConfig, wanted: int | None = None) -> int:
