@@ -60,7 +60,7 @@ def without_attacker(message: Message) -> Message | None:
     return None if message.metadata.dst_node_id == ATTACKER else honest_reply(message, rnd=1)
 
 
-def with_w_replaced(array_of) -> callable:
+def with_w_replaced(array_of):
     """The attacker's reply: honest, except that array 'w' is `array_of(honest w)`."""
     def make(message: Message) -> Message:
         arrays = honest_arrays(message, np.random.default_rng(0))

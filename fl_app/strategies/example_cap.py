@@ -3,7 +3,7 @@
 A reply's `num-examples` is the client's own word. Weighted averaging trusts it, so one client
 that claims 1e12 examples makes the mean its own update. `ExampleCap` clamps each claim to
 `max_examples_per_client` (a setting) and, where the server knows it, to the size of the
-partition the client really trains on (simulation: see `server_loop.bound_simulated_counts`).
+partition the client really trains on (simulation: see `server_loop.bound_client_counts`).
 """
 
 import math
