@@ -276,6 +276,18 @@ def _holdout_client(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, idx: np.n
                     seed_id: int) -> ClientData:
     """Split a client's examples `idx` into training and a seeded held-out part."""
     idx = np.random.default_rng([cfg.seed, seed_id]).permutation(idx)
-    n_val = int(len(idx) * cfg.val_fraction)
+    n_val = _num_held_out(len(idx), cfg.val_fraction)
     val, train = torch.from_numpy(idx[:n_val]), torch.from_numpy(idx[n_val:])
     return ClientData(x[train], y[train], x[val], y[val])
+
+
+def _num_held_out(num_examples: int, val_fraction: float) -> int:
+    return int(num_examples * val_fraction)
+
+
+def partition_train_sizes(cfg: DictConfig, num_partitions: int) -> list[int]:
+    """The training examples of each partition's client (its partition less the held-out
+    split): the most num-examples an honest simulated client can report."""
+    split = load_dataset(cfg.dataset)
+    parts = partition(split.y_train.numpy(), cfg.partitioner, num_partitions)
+    return [len(idx) - _num_held_out(len(idx), cfg.val_fraction) for idx in parts]

@@ -55,6 +55,11 @@ class InProcessGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
+    def partition_ids(self) -> dict[int, int]:
+        """node id -> the partition that node trains on (what Flower's engine keeps to itself)."""
+        return {node_id: int(context.node_config["partition-id"])
+                for node_id, context in self.contexts.items()}
+
     def send_and_receive(self, messages: Iterable[Message],
                          timeout: float | None = None) -> list[Message]:
         replies = []

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, open_dict
 
 from fl_app import checkpoint, device, training
 from fl_app.config import ConfigError, compose, num_supernodes, overrides_from_run_config, to_yaml
-from fl_app.data import load_dataset
+from fl_app.data import load_dataset, partition_train_sizes
 from fl_app.models import get_weights, num_parameters, set_weights
 from fl_app.records import from_array_record, to_array_record
 from fl_app.strategies import (
@@ -33,7 +33,8 @@ from fl_app.strategies import (
     PrivacyBudgetExhausted,
     SampledStrategy,
 )
-from fl_app.strategies.base import BadReply, check_reply
+from fl_app.strategies.example_cap import ExampleCap
+from fl_app.strategies.flower_replies import usable_replies
 
 
 def main(grid: Grid, context: Context) -> None:
@@ -77,6 +78,7 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
     strategy = resumed.strategy if resumed else instantiate(cfg.strategy)
     if cfg.client_pool is not None:
         strategy.use_client_pool(cfg.num_clients)
+    bound_client_counts(strategy, grid, cfg)
     stop_rule = instantiate(cfg.stopping)
     round_logger = instantiate(cfg.logger, log_dir=str(out))
     log(INFO, "fl_app: %s, %s (%d parameters), %s, %s partitions x %d clients, %d rounds, "
@@ -170,7 +172,7 @@ def train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
     replies = exchange(grid, messages, cfg.round_timeout)
     _fail_if_all_failed(rnd, replies)
     if not ours:  # fl_app's strategies screen replies themselves; Flower's average NaN in
-        replies = usable_replies(rnd, replies, weights)
+        replies = usable_replies(rnd, replies, weights, getattr(strategy, "example_cap", None))
     lost = lost_nodes(rnd, messages, replies)
     # DPNoise samples by coin flips and has no minimum: only plain strategies enforce one.
     minimum = getattr(strategy, "min_train_nodes", 0)
@@ -197,9 +199,39 @@ PULL_INTERVAL = 0.1
 PULL_INTERVAL_IN_MEMORY = 0.005
 
 
-def _pull_interval(grid: Grid) -> float:
+def _is_flower_simulation(grid: Grid) -> bool:
     # Flower exports no name for its simulation grid class.
-    return PULL_INTERVAL_IN_MEMORY if type(grid).__name__ == "InMemoryGrid" else PULL_INTERVAL
+    return type(grid).__name__ == "InMemoryGrid"
+
+
+def _pull_interval(grid: Grid) -> float:
+    return PULL_INTERVAL_IN_MEMORY if _is_flower_simulation(grid) else PULL_INTERVAL
+
+
+def bound_client_counts(strategy: Strategy, grid: Grid, cfg: DictConfig) -> None:
+    """Bound the num-examples each reply counts for by `max_examples_per_client` and, in
+    simulation, by the examples its client really has.
+
+    A simulated client trains on a partition of this very config, so the server can size the
+    partitions itself: every client is bounded by the largest, and where the server knows
+    which partition a node holds (fl-app's in-process engine, one node per client) by its own.
+    Flower's engine keeps its node -> partition map to itself. In a deployment the server
+    cannot know what a SuperNode holds: only max_examples_per_client bounds it there.
+    """
+    per_node, largest = {}, None
+    simulated = hasattr(grid, "partition_ids") or _is_flower_simulation(grid)
+    if simulated and cfg.num_clients:
+        sizes = partition_train_sizes(cfg, cfg.num_clients)
+        largest = max(sizes)
+        if hasattr(grid, "partition_ids") and cfg.client_pool is None:
+            per_node = {node: sizes[part] for node, part in grid.partition_ids().items()
+                        if 0 <= part < len(sizes)}
+    if isinstance(strategy, (SampledStrategy, DPNoise)):
+        strategy.know_client_sizes(per_node, largest)
+    else:  # Flower's strategies: usable_replies applies it (as an attribute, checkpointed)
+        cap = ExampleCap(cfg.get("max_examples_per_client"))
+        cap.know_sizes(per_node, largest)
+        strategy.example_cap = cap
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
@@ -246,21 +278,6 @@ def output_dir(cfg: DictConfig) -> Path:
     now = datetime.now()
     name = f"{now:%H-%M-%S}-{cfg.strategy._target_.rsplit('.', 1)[-1]}-{cfg.dataset.name}"
     return root / f"{now:%Y-%m-%d}" / name
-
-
-def usable_replies(rnd: int, replies: list[Message],
-                   weights: dict[str, np.ndarray]) -> list[Message]:
-    """The replies fl_app's own strategies would accept; the others are logged and dropped."""
-    usable = []
-    for reply in replies:
-        try:
-            check_reply(reply, weights)
-        except BadReply as err:
-            log(WARNING, "[round %d] dropping reply from node %d: %s", rnd,
-                reply.metadata.src_node_id, err)
-        else:
-            usable.append(reply)
-    return usable
 
 
 def wait_for_clients(grid: Grid, cfg: DictConfig, wanted: int | None = None) -> int:

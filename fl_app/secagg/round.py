@@ -69,6 +69,8 @@ def secure_train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int
         new, metrics = None, None
     else:
         new, metrics = strategy.aggregate_train(rnd, [mean_reply(result, messages[0], weights)])
+        if metrics is not None:  # the cohort's total, which a per-client bound must not cut
+            metrics["num-examples"] = result.num_examples
     new_weights = weights if new is None else from_array_record(new)
     row = _row(rnd, messages, result.lost, result.bytes_sent, result.bytes_received, metrics)
     return new_weights, row | {"secagg_clients": result.num_clients}

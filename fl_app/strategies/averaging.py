@@ -35,6 +35,22 @@ def axpy(acc: np.ndarray, weight: float, array: np.ndarray) -> None:
         acc += weight * array
 
 
+def add_all_or_nothing(total: dict[str, np.ndarray], weight: float,
+                       arrays: dict[str, np.ndarray]) -> None:
+    """total[k] += weight * arrays[k] for every k of `total`, or none of it: when one array
+    cannot be added, those already added are subtracted again (to within rounding) and the
+    error is raised, so a sum is never left holding part of a reply."""
+    added = []
+    try:
+        for key, acc in total.items():
+            axpy(acc, weight, arrays[key])
+            added.append(key)
+    except Exception:
+        for key in added:
+            axpy(total[key], -weight, arrays[key])
+        raise
+
+
 def all_finite(array: np.ndarray) -> bool:
     """One BLAS pass instead of a boolean array the size of the reply: NaN and Inf make the
     sum of squares non-finite. A sum that overflows (float32 values near 1e19) is confirmed
@@ -87,6 +103,8 @@ def update_and_squared_norm(arrays: dict[str, np.ndarray], offset: dict[str, np.
             if offset is not None:
                 np.subtract(flat[start:end], base[start:end], out=out[start:end])
             chunk = out[start:end]
+            if chunk.dtype.kind != "f":  # an integer dot product wraps instead of growing
+                chunk = chunk.astype(np.float64)
             total += float(np.dot(chunk, chunk))
         update[key] = array if offset is None else scratch[key]
     return update, total

@@ -15,7 +15,7 @@ client sends (`mode`), what the update is (`update_offset`, which the DP wrapper
 an averaged update becomes the new global model (`apply_update`).
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO
 
 import numpy as np
@@ -25,6 +25,7 @@ from flwr.serverapp.grid import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fl_app.records import from_array_record, to_array_record
+from fl_app.strategies.example_cap import ExampleCap
 from fl_app.strategies.messages import round_messages
 from fl_app.strategies.metrics import (
     CLIENT_EPSILONS,
@@ -63,13 +64,18 @@ class SampledStrategy(ClientSampling, ReplyAveraging, FedAvg):
     """Base of fl_app's strategies: seeded sampling, validated replies, in-place averaging.
 
     Parameters are Flower's `FedAvg` ones plus `node_wait_timeout` (seconds to wait for
-    `min_available_nodes` before raising `NotEnoughClientsError`) and `seed` (node sampling
-    is a pure function of seed and round, so runs are reproducible).
+    `min_available_nodes` before raising `NotEnoughClientsError`), `seed` (node sampling
+    is a pure function of seed and round, so runs are reproducible) and
+    `max_examples_per_client` (the most examples one reply counts for; None trusts each
+    client's num-examples).
     """
 
     mode: str = "weights"
     # Weight each client's update by its num-examples (True) or count every client once.
     weighted: bool = True
+    # Bounds each reply's num-examples; class-level too, so a strategy pickled in a checkpoint
+    # before it existed resumes (trusting the counts, as it did).
+    example_cap: ExampleCap | None = None
 
     def __init__(
         self,
@@ -80,6 +86,7 @@ class SampledStrategy(ClientSampling, ReplyAveraging, FedAvg):
         min_available_nodes: int = 2,
         node_wait_timeout: float = 60.0,
         seed: int = 0,
+        max_examples_per_client: float | None = None,
     ) -> None:
         for name, value in (("fraction_train", fraction_train),
                             ("fraction_evaluate", fraction_evaluate)):
@@ -101,6 +108,7 @@ class SampledStrategy(ClientSampling, ReplyAveraging, FedAvg):
             self.min_evaluate_nodes = 0
         self.node_wait_timeout = float(node_wait_timeout)
         self.seed = int(seed)
+        self.example_cap = ExampleCap(max_examples_per_client)
         self.current: dict[str, np.ndarray] | None = None
         self.last_dropped: list[str] = []
         # The largest epsilon each kind of client-side DP has reported (see CLIENT_EPSILONS).
@@ -136,6 +144,13 @@ class SampledStrategy(ClientSampling, ReplyAveraging, FedAvg):
     def global_from_mean_reply(self, mean_reply: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """New global model from the mean of the raw replies (default: they are updates)."""
         return self.apply_update(mean_reply)
+
+    def know_client_sizes(self, per_node: Mapping[int, int], largest: int | None) -> None:
+        """Bound each reply's num-examples by the examples its client really has, where the
+        server knows them (simulation): `largest` for every client, `per_node` by node id."""
+        if self.example_cap is None:
+            self.example_cap = ExampleCap()
+        self.example_cap.know_sizes(per_node, largest)
 
     def client_config(self) -> dict[str, int | float | str | bool]:
         """What this strategy tells every client besides the mode (none for FedAvg)."""
@@ -225,5 +240,7 @@ class SampledStrategy(ClientSampling, ReplyAveraging, FedAvg):
     def summary(self) -> None:
         """Log the configuration (Flower's FedAvg summary plus what this class adds)."""
         super().summary()
-        log(INFO, "\t├──> %s: mode=%s, weighted=%s, seed=%d, node_wait_timeout=%.1fs",
-            type(self).__name__, self.mode, self.weighted, self.seed, self.node_wait_timeout)
+        cap = self.example_cap
+        log(INFO, "\t├──> %s: mode=%s, weighted=%s, seed=%d, node_wait_timeout=%.1fs, "
+            "max_examples_per_client=%s", type(self).__name__, self.mode, self.weighted,
+            self.seed, self.node_wait_timeout, None if cap is None else cap.limit)

@@ -20,7 +20,7 @@ released from it (the global models). The aggregated client metrics it logs (tra
 are not noised and are not covered by the guarantee.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 
 import numpy as np
@@ -124,6 +124,11 @@ class DPNoise(SecureSumRelease, Strategy):
     def use_client_pool(self, population: int) -> None:
         """Sample from `population` clients served by a pool of nodes (see SampledStrategy)."""
         self.inner.use_client_pool(population)
+
+    def know_client_sizes(self, per_node: Mapping[int, int], largest: int | None) -> None:
+        """Bound the replies' num-examples (see SampledStrategy); here they weigh only the
+        clients' metrics: every clipped update counts once."""
+        self.inner.know_client_sizes(per_node, largest)
 
     @property
     def expected_clients(self) -> float:

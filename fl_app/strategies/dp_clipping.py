@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Message
 
-from fl_app.strategies.averaging import axpy, update_and_squared_norm
+from fl_app.strategies.averaging import update_and_squared_norm
 from fl_app.strategies.base import SampledStrategy
 from fl_app.strategies.metrics import MetricAverager
 
@@ -37,13 +37,17 @@ def add_clipped_updates(inner: SampledStrategy, server_round: int, replies: Iter
     num_clipped = 0
     for msg, arrays, num_examples, metrics in inner.screen(
             server_round, replies, check_values=False):
-        update, squared = update_and_squared_norm(arrays, offset, scratch)
+        try:
+            update, squared = update_and_squared_norm(arrays, offset, scratch)
+        except Exception as exc:  # noqa: BLE001 - one reply must not end the run
+            inner.drop(server_round, msg, f"its update cannot be formed ({type(exc).__name__}:"
+                       f" {exc})")
+            continue
         if not math.isfinite(squared):  # NaN or Inf in the reply: it cannot be clipped
             inner.drop(server_round, msg, "its update contains NaN or Inf")
             continue
         scale = clip_scale(math.sqrt(squared), clip)
-        num_clipped += int(scale < 1.0)
-        for key, acc in total.items():
-            axpy(acc, scale * weight, update[key])
-        averager.add(num_examples, metrics)
+        if inner.fold(server_round, msg, total, scale * weight, update):
+            num_clipped += int(scale < 1.0)
+            averager.add(num_examples, metrics)
     return num_clipped

@@ -1,15 +1,17 @@
 """Reply checks: whether a client's train reply can be averaged against the global model.
 
-Anything a client sends (an error, no arrays, NaN, a wrong shape or name, a bad num-examples)
-is turned into a `BadReply` that says why, so the strategy drops that reply and the round goes on.
+Anything a client sends (an error, no arrays, NaN, a wrong shape, dtype or name, bytes that
+do not hold what their Array header declares, a bad num-examples) is turned into a `BadReply`
+that says why, so the strategy drops that reply and the round goes on.
 """
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
-from fl_app.records import array_views
+from fl_app.records import array_view
 from fl_app.strategies.averaging import all_finite
 from fl_app.strategies.metrics import NUM_EXAMPLES, positive_count
 
@@ -22,10 +24,13 @@ class BadReply(ValueError):
     """A client reply that cannot be aggregated; the message is the reason."""
 
 
-def check_reply(msg: Message, reference: dict[str, np.ndarray], check_values: bool = True
+def check_reply(msg: Message, reference: dict[str, np.ndarray], check_values: bool = True,
+                dtypes: Mapping[str, np.dtype] | None = None
                 ) -> tuple[dict[str, np.ndarray], float, MetricRecord]:
     """(arrays, num_examples, metrics) of a train reply that can be aggregated against the
-    global model `reference` (same names and shapes); raise BadReply saying why otherwise.
+    global model `reference`: the same names, and arrays whose bytes decode to the global
+    model's shapes and dtypes (`dtypes`, what the model was sent in; default the reference's
+    own; see `_same_dtype`). Raise BadReply saying why otherwise.
 
     `check_values=False` skips the pass over the values (NaN / Inf) for a caller that finds
     them another way: in the sum of all replies, or in the reply's norm."""
@@ -58,15 +63,41 @@ def check_reply(msg: Message, reference: dict[str, np.ndarray], check_values: bo
             raise BadReply(
                 f"'{key}' has shape {tuple(array.shape)}, expected {reference[key].shape}"
             )
-    arrays = array_views(record)  # read-only views: replies are never copied
-    for key, array in arrays.items():
-        if array.dtype.kind not in _REAL_KINDS:
-            raise BadReply(f"'{key}' has non-numeric dtype {array.dtype}")
+    arrays = {key: _decoded(key, array, reference[key].shape,
+                            (dtypes or {}).get(key, reference[key].dtype))
+              for key, array in record.items()}
     if check_values:
         bad = non_finite_array(arrays)
         if bad is not None:
             raise BadReply(f"'{bad}' contains NaN or Inf")
     return arrays, float(num_examples), metrics
+
+
+def _decoded(key: str, array: Array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The ndarray in `array`'s bytes (a read-only view: replies are never copied), checked
+    against the global model's `shape` and `dtype`. The bytes carry a header of their own,
+    which is what numpy decodes: the Array's declared shape and dtype may lie about it."""
+    try:
+        value = array_view(array)
+    except Exception as exc:  # noqa: BLE001 - any undecodable bytes are the client's fault
+        raise BadReply(f"'{key}' cannot be decoded ({type(exc).__name__}: {exc})") from None
+    if value.dtype.kind not in _REAL_KINDS:
+        raise BadReply(f"'{key}' has non-numeric dtype {value.dtype}")
+    if value.shape != shape or not _same_dtype(value.dtype, np.dtype(dtype)):
+        raise BadReply(
+            f"'{key}' holds a {value.dtype} array of shape {value.shape} (declared "
+            f"{array.dtype} {tuple(array.shape)}); the global model's is {np.dtype(dtype)} "
+            f"{shape}: the client must send arrays of the model's shape, in its dtype"
+        )
+    return value
+
+
+def _same_dtype(sent: np.dtype, model: np.dtype) -> bool:
+    """Whether a reply in `sent` fits a global model in `model`: the same dtype, or float32
+    for a float64 model (Flower's adaptive strategies keep the global model in float64 while
+    clients train in float32). Nothing narrower: int8 or float16 sums wrap or overflow where
+    the model's dtype would not (and an int8 norm, wrapped, would slip past DP clipping)."""
+    return sent == model or (sent == np.float32 and model == np.float64)
 
 
 def non_finite_array(arrays: dict[str, np.ndarray]) -> str | None:
