@@ -37,9 +37,11 @@ from starlette.routing import Route
 
 FLEET_CALL = re.compile(r"/v1/fleet/[a-z][a-z-]*")
 # Connection-level headers belong to one hop; the rest (content type, Flower's version and
-# node-authentication headers, content encoding) travel end to end.
+# node-authentication headers) travel end to end. The body is passed on decoded (the gateway
+# asks the SuperLink for no compression), so its encoding and length are the gateway's own.
 HOP_HEADERS = frozenset({"host", "connection", "keep-alive", "proxy-connection", "te", "trailer",
-                         "transfer-encoding", "upgrade", "content-length"})
+                         "transfer-encoding", "upgrade", "content-length", "content-encoding",
+                         "accept-encoding"})
 UPSTREAM_TIMEOUT = httpx.Timeout(300.0, connect=10.0)  # a model's arrays may take a while
 
 
@@ -47,11 +49,12 @@ def _end_to_end(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers if k.lower() not in HOP_HEADERS]
 
 
-def create_app(superlink: str, ca_certfile: Path | None) -> Starlette:
+def create_app(superlink: str, ca_certfile: Path | None,
+               transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The gateway as an ASGI app forwarding Fleet calls to `superlink` (host:port).
 
     `ca_certfile`: reach the SuperLink over TLS checked against this CA; None: plain HTTP (a
-    SuperLink started with `--insecure`).
+    SuperLink started with `--insecure`). `transport`: how to reach it (tests pass a fake).
     """
     scheme = "https" if ca_certfile else "http"
     verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=str(ca_certfile))
@@ -60,7 +63,7 @@ def create_app(superlink: str, ca_certfile: Path | None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette):
         async with httpx.AsyncClient(base_url=f"{scheme}://{superlink}", verify=verify,
-                                     timeout=UPSTREAM_TIMEOUT) as client:
+                                     timeout=UPSTREAM_TIMEOUT, transport=transport) as client:
             app.state.upstream = client
             yield
 
@@ -76,20 +79,15 @@ def create_app(superlink: str, ca_certfile: Path | None) -> Starlette:
                           "say, on a private address."})
         # The URL is rebuilt from the checked path, without the query string: nothing the
         # client wrote beyond it can reach the SuperLink.
-        upstream = request.app.state.upstream.build_request(
-            request.method, path, headers=_end_to_end(request.headers.items()),
-            content=await request.body())
+        headers = [*_end_to_end(request.headers.items()), ("accept-encoding", "identity")]
         try:
-            reply = await request.app.state.upstream.send(upstream, stream=True)
+            reply = await request.app.state.upstream.request(
+                request.method, path, headers=headers, content=await request.body())
         except httpx.TransportError as err:
             # 502 is what a SuperNode retries on, as it retries a SuperLink it cannot reach.
             return JSONResponse(status_code=502, content={
                 "detail": f"the SuperLink behind this gateway did not answer: {err!r}"})
-        try:
-            body = b"".join([chunk async for chunk in reply.aiter_raw()])
-        finally:
-            await reply.aclose()
-        return Response(body, status_code=reply.status_code,
+        return Response(reply.content, status_code=reply.status_code,
                         headers=dict(_end_to_end(reply.headers.multi_items())))
 
     return Starlette(routes=[Route("/{path:path}", forward,
