@@ -109,7 +109,8 @@ def _file(text: str) -> Path:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fl-app-fleet-gateway", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fl_app.deploy.fleet_gateway",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--listen", type=_address, required=True,
                         help="host:port SuperNodes dial (their --superlink)")
