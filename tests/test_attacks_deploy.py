@@ -55,21 +55,25 @@ def permissive_umask_and_no_chmod(monkeypatch):
     os.umask(old)
 
 
+def _modes(paths) -> dict[str, int]:
+    return {path.name: stat.S_IMODE(path.stat().st_mode) for path in paths}
+
+
 def test_private_keys_and_secrets_are_created_0600_not_chmod_ed_after(
         tmp_path, permissive_umask_and_no_chmod):
     fed = LocalFederation(tmp_path, num_supernodes=2)
     fed.write_credentials()
-    modes = {name: stat.S_IMODE((fed.creds / name).stat().st_mode) for name in PRIVATE_FILES}
-    assert modes == dict.fromkeys(PRIVATE_FILES, 0o600)
+    modes = _modes([*fed.creds.glob("*.key"), *fed.creds.glob("*.secret")])
+    assert modes == dict.fromkeys(modes, 0o600)
+    assert sorted(modes) == sorted(PRIVATE_FILES)
 
 
 def test_the_credentials_tool_creates_its_private_keys_0600(tmp_path,
                                                              permissive_umask_and_no_chmod):
     credentials.main([str(tmp_path / "creds"), "--supernodes", "2"])
-    keys = sorted((tmp_path / "creds").glob("*.key"))
-    assert len(keys) == 6  # ca, server, 2 authentication keys, 2 Runtime API keys
-    assert {k.name: stat.S_IMODE(k.stat().st_mode) for k in keys} == {
-        k.name: 0o600 for k in keys}
+    modes = _modes((tmp_path / "creds").glob("*.key"))
+    assert modes == dict.fromkeys(modes, 0o600)
+    assert len(modes) == 6  # ca, server, 2 authentication keys, 2 Runtime API keys
     assert stat.S_IMODE((tmp_path / "creds").stat().st_mode) == 0o700
 
 
