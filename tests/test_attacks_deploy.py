@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import stat
 import subprocess
 from pathlib import Path
@@ -309,6 +310,15 @@ def test_the_superlinks_runtime_api_refuses_a_superexec_without_the_secret(feder
             supported_task_types=[TaskType.SERVER_APP.value]))
     error = FlowerError.from_json(refusal.value.response.text)
     assert error is not None and error.code == ApiErrorCode.RUNTIME_AUTHENTICATION_FAILED
+
+
+@pytest.mark.e2e
+def test_the_supernodes_address_speaks_only_tls_with_the_superlinks_certificate(federation):
+    address = _supernode_address(federation)
+    with pytest.raises(httpx.HTTPError):  # a plaintext client gets no answer
+        httpx.get(f"http://{address}/health", timeout=5)
+    context = ssl.create_default_context(cafile=str(federation.creds / "ca.crt"))
+    assert httpx.get(f"https://{address}/health", verify=context, timeout=5).is_success
 
 
 @pytest.mark.e2e

@@ -136,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     app = create_app(upstream, None if args.insecure else args.ssl_ca_certfile)
     print(f"fl-app-fleet-gateway: Fleet API on {host}:{port} -> SuperLink {upstream}",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning",
+    # The SuperLink's own Server and Date headers pass through; the gateway adds none.
+    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False,
+                date_header=False,
                 ssl_certfile=None if args.insecure else str(args.ssl_certfile),
                 ssl_keyfile=None if args.insecure else str(args.ssl_keyfile))
 
