@@ -5,11 +5,11 @@
     python scripts/local_federation.py --supernodes 5 --keep     # stay up for more `flwr run`s
     python scripts/local_federation.py --no-executor model=cnn   # Flower's process per message
 
-Creates credentials, starts a SuperLink and the SuperNodes (each with its own partition and
-its fl-app-executor, which keeps the ClientApp loaded across messages) as separate processes,
-registers the SuperNodes' keys, runs this app with the given Hydra overrides, prints where logs
-and outputs are, and stops everything it started at the end or on Ctrl-C. Exits 1 if the run
-did not complete.
+Creates credentials, starts a SuperLink, its fleet gateway (the only address SuperNodes dial)
+and the SuperNodes (each with its own partition and its fl-app-executor, which keeps the
+ClientApp loaded across messages) as separate processes, registers the SuperNodes' keys, runs
+this app with the given Hydra overrides, prints where logs and outputs are, and stops
+everything it started at the end or on Ctrl-C. Exits 1 if the run did not complete.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     try:
         fed.start()
-        print(f"SuperLink {fed.address} (TLS, SuperNode authentication) with "
-              f"{args.supernodes} SuperNodes" + (" and their executors" if executor else "")
+        print(f"SuperLink {fed.address} (TLS, SuperNode authentication; Control and Runtime "
+              f"APIs) with {args.supernodes} SuperNodes"
+              + (" and their executors" if executor else "")
+              + f" dialling its fleet gateway {fed.fleet_address} (Fleet API only)"
               + f"\n  logs:    {fed.logs}\n  outputs: {out}\n"
               f"  CLI:     FLWR_HOME={fed.env['FLWR_HOME']} flwr run . {CONNECTION}", flush=True)
         overrides = [*args.overrides, f"output_dir='{out}'"]

@@ -3,8 +3,10 @@
 The same processes, flags and files a multi-machine deployment uses (TLS, SuperNode
 authentication, one data partition per SuperNode), on loopback, each SuperNode served by an
 `fl-app-executor` (its ClientApp stays loaded across messages) unless told to run Flower's
-own process per message. Used by `scripts/local_federation.py` and by the deployment tests;
-every process it starts is stopped by PID.
+own process per message. As in a deployment, SuperNodes dial the fleet gateway (the Fleet API
+only), while the SuperLink's own port, with its Control and Runtime APIs, is what the `flwr`
+CLI and the ServerApp's SuperExec use. Used by `scripts/local_federation.py` and by the
+deployment tests; every process it starts is stopped by PID.
 """
 
 from __future__ import annotations
@@ -12,14 +14,22 @@ from __future__ import annotations
 import secrets
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-from fl_app.deploy.credentials import make_supernode_keys, make_tls
+from fl_app.deploy.credentials import (
+    make_supernode_keys,
+    make_supernode_tls,
+    make_tls,
+    write_private,
+)
 from fl_app.processes import stop
 from fl_app.runner import RunResult, flwr_env, flwr_run, free_port, run_status
 
 CONNECTION = "fl-app-local"
+# Stopped in this order: what depends on a process goes before it.
+STOP_ORDER = ("executor-", "supernode-", "fleet-gateway", "serverapp-superexec", "superlink")
 
 
 class LocalFederation:
@@ -36,10 +46,15 @@ class LocalFederation:
         self.num_supernodes, self.tls, self.auth = num_supernodes, tls, auth
         self.creds, self.logs = self.workdir / "credentials", self.workdir / "logs"
         self.superexec_secret = self.creds / "superexec.secret"
-        for folder in (self.creds, self.logs):
-            folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        # The SuperLink's own Runtime API takes tasks only from the SuperExec holding this.
+        self.superlink_secret = self.creds / "superlink-superexec.secret"
+        self.creds.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        # address: the SuperLink's port (Fleet, Control and Runtime APIs), private: the flwr
+        # CLI and the ServerApp's SuperExec use it. fleet_address: the gateway SuperNodes dial.
+        self.port, self.fleet_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.fleet_address = f"127.0.0.1:{self.fleet_port}"
         self.superlink_cwd = superlink_cwd or self.workdir
         self.env = flwr_env({"FLWR_HOME": str(self.workdir / "flwr-home"), **(env or {})})
         self.data_dirs = data_dirs or {}  # SuperNodes that hold their own data folder
@@ -57,11 +72,15 @@ class LocalFederation:
     def write_credentials(self) -> None:
         if self.tls and not (self.creds / "ca.crt").exists():
             make_tls(self.creds, ["127.0.0.1", "localhost"])
+        if self.tls and self.executor:  # each SuperNode's Runtime API gets its own certificate
+            missing = [i for i in range(self.num_supernodes)
+                       if not (self.creds / f"supernode-{i}-runtime.pem").exists()]
+            make_supernode_tls(self.creds, missing)
         if self.auth and not (self.creds / "supernode-0.key").exists():
             make_supernode_keys(self.creds, self.num_supernodes)
-        if self.executor and not self.superexec_secret.exists():
-            self.superexec_secret.touch(mode=0o600)
-            self.superexec_secret.write_bytes(secrets.token_bytes(32))
+        for secret in (self.superexec_secret, self.superlink_secret):
+            if not secret.exists():
+                write_private(secret, secrets.token_bytes(32))
         home = Path(self.env["FLWR_HOME"])
         home.mkdir(parents=True, exist_ok=True)
         security = (f'root-certificates = "{self.creds / "ca.crt"}"' if self.tls
@@ -81,20 +100,38 @@ class LocalFederation:
         return proc
 
     def start_superlink(self) -> None:
+        """The SuperLink on loopback, its ServerApp SuperExec, and the fleet gateway.
+
+        `--isolation process` with a SuperExec secret: the SuperLink starts no SuperExec of its
+        own (Flower's would hold no secret, and the Runtime API would hand the ServerApp's task,
+        with every client's reply, to any caller); the one started here holds the secret.
+        """
+        tls = ([str(self.creds / "ca.crt"), str(self.creds / "server.pem"),
+                str(self.creds / "server.key")] if self.tls else [])
         cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
-               "--disable-runtime-dependency-installation"]
+               "--disable-runtime-dependency-installation", "--isolation", "process",
+               "--superexec-auth-secret-file", str(self.superlink_secret)]
         if self.database:
             cmd += ["--database", str(self.workdir / "superlink.db")]
         if self.tls:
-            cmd += ["--ssl-ca-certfile", str(self.creds / "ca.crt"),
-                    "--ssl-certfile", str(self.creds / "server.pem"),
-                    "--ssl-keyfile", str(self.creds / "server.key")]
+            cmd += ["--ssl-ca-certfile", tls[0], "--ssl-certfile", tls[1], "--ssl-keyfile", tls[2]]
         else:
             cmd += ["--insecure"]
         if self.auth:
             cmd += ["--enable-supernode-auth"]
-        self._spawn("superlink", cmd, cwd=self.superlink_cwd)
+        superlink = self._spawn("superlink", cmd, cwd=self.superlink_cwd)
         self._wait_for_port(self.port, "superlink")
+        self._spawn("serverapp-superexec", [
+            "flower-superexec", "--runtime-api-address", self.address,
+            *(["--root-certificates", tls[0]] if self.tls else ["--insecure"]),
+            "--superexec-auth-secret-file", str(self.superlink_secret),
+            "--parent-pid", str(superlink.pid)], cwd=self.superlink_cwd)
+        self._spawn("fleet-gateway", [
+            sys.executable, "-m", "fl_app.deploy.fleet_gateway",
+            "--listen", self.fleet_address, "--superlink", self.address,
+            *(["--ssl-ca-certfile", tls[0], "--ssl-certfile", tls[1], "--ssl-keyfile", tls[2]]
+              if self.tls else ["--insecure"])])
+        self._wait_for_port(self.fleet_port, "fleet-gateway")
 
     def register(self, public_key: Path) -> subprocess.CompletedProcess:
         """Authorize a SuperNode's public key with the SuperLink (`flwr supernode register`)."""
@@ -104,7 +141,7 @@ class LocalFederation:
     def supernode_cmd(self, index: int, key: Path | None = None) -> list[str]:
         data = (f'data-dir="{self.data_dirs[index]}"' if index in self.data_dirs
                 else f"partition-id={index} num-partitions={self.num_supernodes}")
-        cmd = ["flower-supernode", "--superlink", self.address, "--port", str(free_port()),
+        cmd = ["flower-supernode", "--superlink", self.fleet_address, "--port", str(free_port()),
                "--max-wait-time", "30", "--node-config", data]
         cmd += (["--root-certificates", str(self.creds / "ca.crt")] if self.tls
                 else ["--insecure"])
@@ -115,8 +152,11 @@ class LocalFederation:
             cmd += ["--isolation", "process",
                     "--superexec-auth-secret-file", str(self.superexec_secret)]
             if self.tls:  # the executor talks to the SuperNode's Runtime API over TLS too
-                cmd += ["--ssl-certfile", str(self.creds / "server.pem"),
-                        "--ssl-keyfile", str(self.creds / "server.key"),
+                runtime = self.creds / f"supernode-{index}-runtime"
+                if not runtime.with_suffix(".pem").exists():  # a SuperNode added later
+                    make_supernode_tls(self.creds, [index])
+                cmd += ["--ssl-certfile", str(runtime.with_suffix(".pem")),
+                        "--ssl-keyfile", str(runtime.with_suffix(".key")),
                         "--ssl-ca-certfile", str(self.creds / "ca.crt")]
         return cmd
 
@@ -182,8 +222,10 @@ class LocalFederation:
 
     def stop(self) -> None:
         """Stop every process started here, each with its children: executors, SuperNodes,
-        then the SuperLink."""
-        for name in sorted(self.procs, key=lambda n: (n == "superlink", n.startswith("super"))):
+        the gateway, the ServerApp SuperExec, then the SuperLink."""
+        rank = {name: next(i for i, prefix in enumerate(STOP_ORDER) if name.startswith(prefix))
+                for name in self.procs}
+        for name in sorted(self.procs, key=rank.__getitem__):
             _stop_tree(self.procs[name], grace=10)
         self.procs.clear()
 
