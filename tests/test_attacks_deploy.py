@@ -208,6 +208,23 @@ def test_gateway_answers_any_other_api_itself_and_never_reaches_the_superlink(me
     assert superlink.requests == []
 
 
+@pytest.mark.parametrize("declare_length", [True, False])
+def test_gateway_refuses_a_body_over_its_limit_without_reading_it_all(declare_length):
+    superlink = FakeSuperLink()
+    oversized = b"\0" * (2**20 + 1)
+    gateway = TestClient(create_app("link.invalid:9093", None, httpx.MockTransport(superlink),
+                                    max_body_mb=1))
+    # A generator body has no Content-Length: the limit must hold while streaming too.
+    content = oversized if declare_length else (oversized[i:i + 4096]
+                                                for i in range(0, len(oversized), 4096))
+    with gateway:
+        reply = gateway.post("/v1/fleet/push-messages", content=content)
+        within = gateway.post("/v1/fleet/push-messages", content=oversized[:2**20])
+    assert reply.status_code == 413 and "--max-body-mb" in reply.json()["detail"]
+    assert within.status_code == 200
+    assert [len(r.content) for r in superlink.requests] == [2**20]
+
+
 def test_gateway_answers_502_when_the_superlink_is_down_so_supernodes_retry():
     with _gateway(FakeSuperLink(fail=True)) as gateway:
         reply = gateway.post("/v1/fleet/pull-messages", content=b"")

@@ -43,6 +43,24 @@ HOP_HEADERS = frozenset({"host", "connection", "keep-alive", "proxy-connection",
                          "transfer-encoding", "upgrade", "content-length", "content-encoding",
                          "accept-encoding"})
 UPSTREAM_TIMEOUT = httpx.Timeout(300.0, connect=10.0)  # a model's arrays may take a while
+# A stranger may reach this port: a request body is read only up to this size, so nobody can
+# make the gateway hold gigabytes in memory. 512 MiB is far above any reply of fl_app's models
+# (the CNN's arrays are 6.6 MB); --max-body-mb raises it for larger ones.
+MAX_BODY_MB = 512
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None when it is (or says it is) larger than `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _end_to_end(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -50,13 +68,15 @@ def _end_to_end(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def create_app(superlink: str, ca_certfile: Path | None,
-               transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+               transport: httpx.AsyncBaseTransport | None = None,
+               max_body_mb: float = MAX_BODY_MB) -> Starlette:
     """The gateway as an ASGI app forwarding Fleet calls to `superlink` (host:port).
 
     `ca_certfile`: reach the SuperLink over TLS checked against this CA; None: plain HTTP (a
     SuperLink started with `--insecure`). `transport`: how to reach it (tests pass a fake).
     """
     scheme = "https" if ca_certfile else "http"
+    max_body = int(max_body_mb * 2**20)
     verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=str(ca_certfile))
                                      if ca_certfile else False)
 
@@ -80,9 +100,14 @@ def create_app(superlink: str, ca_certfile: Path | None,
         # The URL is rebuilt from the checked path, without the query string: nothing the
         # client wrote beyond it can reach the SuperLink.
         headers = [*_end_to_end(request.headers.items()), ("accept-encoding", "identity")]
+        body = await _bounded_body(request, max_body)
+        if body is None:
+            return JSONResponse(status_code=413, content={
+                "detail": f"request body over {max_body_mb:g} MiB: refused here (the gateway's "
+                          "--max-body-mb sets the limit)"})
         try:
             reply = await request.app.state.upstream.request(
-                request.method, path, headers=headers, content=await request.body())
+                request.method, path, headers=headers, content=body)
         except httpx.TransportError as err:
             # 502 is what a SuperNode retries on, as it retries a SuperLink it cannot reach.
             return JSONResponse(status_code=502, content={
@@ -119,6 +144,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ssl-certfile", type=_file, help="the SuperLink's server.pem")
     parser.add_argument("--ssl-keyfile", type=_file, help="the SuperLink's server.key")
     parser.add_argument("--ssl-ca-certfile", type=_file, help="ca.crt")
+    parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_MB,
+                        help=f"largest request body passed on, MiB (default {MAX_BODY_MB})")
     parser.add_argument("--insecure", action="store_true",
                         help="plain HTTP on both sides (a SuperLink started with --insecure)")
     args = parser.parse_args(argv)
@@ -133,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     (host, port), (up_host, up_port) = args.listen, args.superlink
     upstream = f"[{up_host}]:{up_port}" if ":" in up_host else f"{up_host}:{up_port}"
-    app = create_app(upstream, None if args.insecure else args.ssl_ca_certfile)
+    app = create_app(upstream, None if args.insecure else args.ssl_ca_certfile,
+                     max_body_mb=args.max_body_mb)
     print(f"fl-app-fleet-gateway: Fleet API on {host}:{port} -> SuperLink {upstream}",
           file=sys.stderr, flush=True)
     # The SuperLink's own Server and Date headers pass through; the gateway adds none.
