@@ -19,10 +19,9 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from fl_app import checkpoint, device, training
+from fl_app import checkpoint, device, targets, training
 from fl_app.config import ConfigError, compose, num_supernodes, overrides_from_run_config, to_yaml
 from fl_app.data import load_dataset
 from fl_app.models import get_weights, num_parameters, set_weights
@@ -71,14 +70,14 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
 
     on = device.resolve(cfg.get("device", "auto"))
     torch.manual_seed(cfg.seed)  # initialised on the CPU: the same model on every device
-    model = instantiate(cfg.model).to(on)
+    model = targets.build("model", cfg.model).to(on)
     test = load_dataset(cfg.dataset)
     x_test, y_test = test.x_test.to(on), test.y_test.to(on)  # once, not per round
-    strategy = resumed.strategy if resumed else instantiate(cfg.strategy)
+    strategy = resumed.strategy if resumed else targets.build("strategy", cfg.strategy)
     if cfg.client_pool is not None:
         strategy.use_client_pool(cfg.num_clients)
-    stop_rule = instantiate(cfg.stopping)
-    round_logger = instantiate(cfg.logger, log_dir=str(out))
+    stop_rule = targets.build("stopping", cfg.stopping)
+    round_logger = targets.build("logger", cfg.logger, log_dir=str(out))
     log(INFO, "fl_app: %s, %s (%d parameters), %s, %s partitions x %d clients, %d rounds, "
         "server on %s", type(strategy).__name__, type(model).__name__, num_parameters(model),
         cfg.dataset.name, cfg.partitioner._target_.rsplit(".", 1)[-1], cfg.num_clients,
