@@ -97,13 +97,14 @@ def _outside_running_hydra() -> Iterator[None]:
 
 def check(cfg: DictConfig) -> None:
     """Refuse settings that would fail later, deep inside a library, or train nonsense: every
-    key's type and range (fl_app.schema), every `_target_` (fl_app.targets), then the rules
+    `_target_` (fl_app.targets), every key's type and range (fl_app.schema), then the rules
     that relate keys."""
     try:
         tree = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError(f"Cannot resolve the config: {_first_line(err)}.") from None
-    if problem := schema.problem(tree) or targets.problem(tree):
+    # Targets first: `model._target_=os.system` is named as such, whatever else it brings.
+    if problem := targets.problem(tree) or schema.problem(tree):
         raise ConfigError(problem)
     rules = [
         ("dataset.name", cfg.dataset.name in available("dataset"),

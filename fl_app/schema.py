@@ -206,7 +206,8 @@ SCHEMA: dict[str, Rule] = {
     "logger.subdir": SUBDIR,
     "logger.flush_secs": POSITIVE,
 }
-GROUP_NODES = ("strategy", "model", "dataset", "partitioner", "privacy", "secagg", "stopping",
+# Group nodes, in the order they are checked: dataset before the model that interpolates it.
+GROUP_NODES = ("dataset", "model", "strategy", "partitioner", "privacy", "secagg", "stopping",
                "logger")
 
 
@@ -220,8 +221,8 @@ def rule_for(key: str) -> Rule | None:
 def leaves(tree: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
     """(dotted key, value) of every setting in a resolved config; group nodes are descended
     into, and DP's inner strategy too, while any other value (lists included) is one setting.
-    A node's own settings come before its groups': `seed=abc` is reported as seed, not as the
-    strategy.seed that interpolates it."""
+    A node's own settings come before its groups', and dataset before model: `seed=abc` is
+    reported as seed, not as the strategy.seed that interpolates it."""
     groups = []
     for name, value in tree.items():
         key = f"{prefix}{name}"
@@ -229,7 +230,8 @@ def leaves(tree: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
             groups.append((key, value))
         else:
             yield key, value
-    for key, value in groups:
+    order = {key: i for i, key in enumerate(GROUP_NODES)}
+    for key, value in sorted(groups, key=lambda group: order.get(group[0], len(order))):
         yield from leaves(value, key + ".")
 
 
