@@ -79,6 +79,8 @@ def _is_relative_name(v: object) -> bool:
 
 FLAG = Rule("true or false", lambda v: isinstance(v, bool))
 TEXT = Rule("a string", lambda v: isinstance(v, str) and v != "")
+# A folder setting: null, or a path ('' counts as unset, as `resume=` on a command line).
+FOLDER = Rule("null or a folder path", lambda v: v is None or isinstance(v, str))
 SHAPE = Rule("a list of integers >= 1, e.g. [1, 28, 28]",
              lambda v: isinstance(v, list) and bool(v) and all(_is_int(d) and d >= 1 for d in v))
 TARGET = Rule("a class path (see fl_app.targets)", lambda v: isinstance(v, str))
@@ -111,11 +113,11 @@ SCHEMA: dict[str, Rule] = {
     "client_gpus": Rule("null (derived from device) or a number >= 0: the GPUs each "
                         "simulated client reserves, e.g. 0.1 for ten clients per GPU",
                         number(ge=0).nullable().ok),
-    "data_root": TEXT.nullable(),
+    "data_root": FOLDER,
     "node_wait_timeout": SECONDS,
     "round_timeout": SECONDS,
-    "output_dir": TEXT.nullable(),
-    "resume": TEXT.nullable(),
+    "output_dir": FOLDER,
+    "resume": FOLDER,
     "checkpoints": choice("last", "all"),
     # conf/strategy/ (DP's inner strategy, strategy.strategy.*, takes the same keys)
     "strategy._target_": TARGET,
@@ -163,7 +165,7 @@ SCHEMA: dict[str, Rule] = {
     "dataset.input_shape": SHAPE,
     "dataset.num_classes": integer(ge=2),
     "dataset.test_fraction": FRACTION_OPEN,
-    "dataset.root": TEXT.nullable(),
+    "dataset.root": FOLDER,
     "dataset.download": FLAG,
     # conf/partitioner/
     "partitioner._target_": TARGET,
