@@ -1,17 +1,20 @@
 """Checkpoints written after every round, and resuming a killed run from the last one.
 
 A checkpoint holds everything the next round depends on: the global model, the strategy object
-itself (server momentum, FedAdam moments, clip norm, the privacy accountant and the DP noise
-generator's state), the metrics history (stopping rules read it) and the wall time so far.
+itself (server momentum, FedAdam moments, clip norm, the privacy accountant), the metrics
+history (stopping rules read it) and the wall time so far. Never the DP noise generator: with
+its state anyone who reads the file could regenerate and subtract every later round's noise
+(strategies/dp_noise.py). A resumed DP run draws fresh noise from OS entropy, or with a
+`noise_seed` (tests) from its config, which the server loop hands back after `load`.
 Client training is seeded by (seed, partition, round), so a resumed run on CPU ends with
 the same model as the uninterrupted one; `tests/test_resume.py` checks that bit for bit.
+The file is created 0600 in a 0700 folder (run_files.py).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fl_app.config import ConfigError
+from fl_app.run_files import open_private, private_folder, write_private
 
 CHECKPOINT = "checkpoint.pkl"
 # Settings a resumed run may change: where and how long it runs, not what it computes (a run
@@ -40,14 +44,15 @@ class Checkpoint:
 def save(folder: Path, ckpt: Checkpoint, keep_all: bool = False) -> Path:
     """Write the checkpoint atomically: a kill mid-write leaves the previous one intact."""
     path, tmp = folder / CHECKPOINT, folder / (CHECKPOINT + ".tmp")
-    with tmp.open("wb") as f:
-        pickle.dump(ckpt, f, protocol=pickle.HIGHEST_PROTOCOL)
+    data = pickle.dumps(ckpt, protocol=pickle.HIGHEST_PROTOCOL)
+    with open_private(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     if keep_all:
-        (folder / "checkpoints").mkdir(exist_ok=True)
-        shutil.copyfile(path, folder / "checkpoints" / f"round_{ckpt.round:04d}.pkl")
+        kept = private_folder(folder / "checkpoints")
+        write_private(kept / f"round_{ckpt.round:04d}.pkl", data)
     return path
 
 

@@ -31,6 +31,7 @@ from fl_app.config import (
     overrides_from_run_config,
 )
 from fl_app.device import client_gpu_share
+from fl_app.run_files import private_folder, write_private
 from fl_app.runner import PROJECT_ROOT, flwr_env, flwr_run, toml_run_config
 
 DEFAULT_SUPERNODES = 10
@@ -129,8 +130,7 @@ def _run_in_process(run_config: dict, overrides: list[str], supernodes: int | No
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - reported in one line, traceback kept on disk
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "traceback.txt").write_text(traceback.format_exc())
+        write_private(private_folder(out) / "traceback.txt", traceback.format_exc())
         raise RunFailed(f"the in-process run failed: {type(err).__name__}: {err} "
                         f"(traceback in {out / 'traceback.txt'})") from err
 
@@ -195,6 +195,9 @@ def _overrides(argv: Sequence[str]) -> list:
 
 
 def main() -> None:
+    # Everything this process creates (Hydra's run folder, .hydra/ and log files, and through
+    # `flwr run` the run's outputs) is the user's alone: folders 0700, files 0600.
+    os.umask(0o077)
     try:
         sys.argv[1:] = honour_output_dir(sys.argv[1:])
     except ConfigError as err:

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.client import NumPyClient
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fl_app import device, training
+from fl_app import device, targets, training
 from fl_app.config import compose, overrides_from_run_config
 from fl_app.data import ClientData, client_data, local_data
 from fl_app.models import get_weights, is_small_dense, set_weights
@@ -128,7 +127,7 @@ def build_client(cfg: DictConfig, partition_id: int, num_partitions: int,
         )
     on = device.resolve(cfg.get("device", "auto"))
     torch.manual_seed(cfg.seed)  # initialised on the CPU: the same model on every device
-    model = instantiate(cfg.model).to(on)
+    model = targets.build("model", cfg.model).to(on)
     data = (local_data(cfg, data_dir, partition_id) if data_dir
             else client_data(cfg, partition_id, num_partitions))
     # Moved once: the cached client keeps model and data on the device across rounds, and a

@@ -14,10 +14,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fl_app import dataset_files
+from fl_app import dataset_files, targets
 
 # A fixed split seed keeps the test set identical across runs with different training seeds.
 SPLIT_SEED = 2017
@@ -219,7 +218,8 @@ def _partition(cfg_yaml: str, labels: tuple[int, ...], num_partitions: int) -> l
             f"Cannot split {len(labels)} training examples into {num_partitions} partitions: "
             "use fewer clients (num_clients / num-supernodes) or a larger dataset."
         )
-    partitioner = instantiate(OmegaConf.create(cfg_yaml), num_partitions=num_partitions)
+    partitioner = targets.build("partitioner", OmegaConf.create(cfg_yaml),
+                                num_partitions=num_partitions)
     partitioner.dataset = Dataset.from_dict({"label": list(labels), "idx": range(len(labels))})
     try:
         parts = [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64)

@@ -2,7 +2,7 @@
 
 The round loop calls the same three things whatever the logger:
 
-    round_logger = hydra.utils.instantiate(cfg.logger, log_dir=str(output_folder))
+    round_logger = targets.build("logger", cfg.logger, log_dir=str(output_folder))
     round_logger.log_round(row)   # after each round: the metrics.jsonl row
     round_logger.close()          # at the end, also when the run fails
 
@@ -20,8 +20,8 @@ from pathlib import Path
 SECTIONS = ("test", "train", "client")
 
 
-class NoLogger:
-    """Logs nothing (logger=none, the default)."""
+class RoundLogger:
+    """What every logger of the `logger` group is (conf/logger/*.yaml build one)."""
 
     def __init__(self, log_dir: str | None = None) -> None:
         pass
@@ -33,7 +33,11 @@ class NoLogger:
         pass
 
 
-class TensorBoardLogger:
+class NoLogger(RoundLogger):
+    """Logs nothing (logger=none, the default)."""
+
+
+class TensorBoardLogger(RoundLogger):
     """Writes each round's numeric metrics as TensorBoard scalars in `log_dir/subdir`.
 
     Tags are `test/accuracy`, `train/epsilon`, `client/...`, `round/seconds`, with the round as

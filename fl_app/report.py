@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from fl_app.run_files import open_private, write_private
+
 # Central DP first; otherwise the worst client's own ε (privacy=dpsgd or local).
 EPSILON_KEYS = ("train_epsilon", "train_dpsgd_epsilon_max", "train_local_epsilon_max")
 # Differ between every pair of runs without saying anything about them.
@@ -198,7 +200,8 @@ def plot(runs: Sequence[Run], key: str | None, ylabel: str, file: Path) -> bool:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.savefig(file, dpi=120)
+    with open_private(file, "wb") as f:  # 0600, as the run files it is drawn from
+        fig.savefig(f, dpi=120, format=file.suffix.lstrip(".") or "png")
     return True
 
 
@@ -219,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fl-app-report: error: {err}", file=sys.stderr)
         return 2
     out = args.out or Path(os.path.commonpath([p.resolve() for p in args.folders]))
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     written = []
     for key, ylabel, name in [("test_accuracy", "test accuracy", "accuracy.png"),
@@ -230,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"fl-app-report: no run has {ylabel} values: {name} not written")
     results = table(runs, args.target)
-    (out / "results.md").write_text(results)
+    write_private(out / "results.md", results)
     written.append(out / "results.md")
     print("\n".join(f"wrote {p}" for p in written) + "\n\n" + results, end="")
     return 0

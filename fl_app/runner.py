@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from fl_app.run_files import write_private
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,8 +84,8 @@ def local_superlink_env(home: Path, outputs: Path | None = None,
 
 def toml_run_config(values: dict[str, str], path: Path) -> Path:
     """Write a run config as a TOML file (sidesteps shell and TOML quoting of overrides)."""
-    path.write_text("".join(f"{k} = {json.dumps(str(v))}\n" for k, v in values.items()))
-    return path
+    return write_private(path, "".join(f"{k} = {json.dumps(str(v))}\n"
+                                        for k, v in values.items()))
 
 
 # What the app bundle (FAB) holds. `flwr run DIR` walks every file under DIR before it filters

@@ -19,14 +19,14 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from fl_app import checkpoint, device, training
+from fl_app import checkpoint, device, targets, training
 from fl_app.config import ConfigError, compose, num_supernodes, overrides_from_run_config, to_yaml
 from fl_app.data import load_dataset, partition_train_sizes
 from fl_app.models import get_weights, num_parameters, set_weights
 from fl_app.records import from_array_record, to_array_record
+from fl_app.run_files import open_private, private_folder, private_umask, write_private
 from fl_app.strategies import (
     DPNoise,
     NotEnoughClientsError,
@@ -54,8 +54,7 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
     """
     started = time.time()
     training.setup_torch()
-    out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    out = private_folder(output_dir(cfg))  # 0700, its files 0600 (run_files.py)
     log(INFO, "fl_app: outputs in %s", out)
 
     federation_size = wait_for_clients(grid, cfg)
@@ -66,21 +65,24 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
         checkpoint.check_resumable(out, cfg)
         resumed = checkpoint.load(out)
         log(INFO, "fl_app: resuming after round %d from %s", resumed.round, out)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    write_private(out / "config.yaml", to_yaml(cfg))
     if run_config is not None:
-        (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
+        write_private(out / "run_config.json", json.dumps(run_config, indent=2))
 
     on = device.resolve(cfg.get("device", "auto"))
     torch.manual_seed(cfg.seed)  # initialised on the CPU: the same model on every device
-    model = instantiate(cfg.model).to(on)
+    model = targets.build("model", cfg.model).to(on)
     test = load_dataset(cfg.dataset)
     x_test, y_test = test.x_test.to(on), test.y_test.to(on)  # once, not per round
-    strategy = resumed.strategy if resumed else instantiate(cfg.strategy)
+    strategy = resumed.strategy if resumed else targets.build("strategy", cfg.strategy)
+    if resumed and hasattr(strategy, "seed_noise"):  # a checkpoint holds no noise generator
+        strategy.seed_noise(cfg.strategy.get("noise_seed"))
     if cfg.client_pool is not None:
         strategy.use_client_pool(cfg.num_clients)
     bound_client_counts(strategy, grid, cfg)
-    stop_rule = instantiate(cfg.stopping)
-    round_logger = instantiate(cfg.logger, log_dir=str(out))
+    stop_rule = targets.build("stopping", cfg.stopping)
+    with private_umask():  # a logger's own files (TensorBoard's) are the run's too
+        round_logger = targets.build("logger", cfg.logger, log_dir=str(out))
     log(INFO, "fl_app: %s, %s (%d parameters), %s, %s partitions x %d clients, %d rounds, "
         "server on %s", type(strategy).__name__, type(model).__name__, num_parameters(model),
         cfg.dataset.name, cfg.partitioner._target_.rsplit(".", 1)[-1], cfg.num_clients,
@@ -130,9 +132,10 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
 
     set_weights(model, weights)
     # CPU tensors: model.pt loads on a machine without the GPU too.
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
+    with open_private(out / "model.pt", "wb") as f:
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, f)
     summary = run_summary(history, stop_reason, elapsed + time.time() - started, out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_private(out / "summary.json", json.dumps(summary, indent=2))
     log(INFO, "fl_app: final test accuracy %.4f after %d rounds (%.1f s); outputs in %s",
         summary["test_accuracy"], summary["rounds"], summary["seconds"], out)
     return summary
@@ -362,9 +365,9 @@ def _truncate_jsonl(path: Path, after_round: int) -> None:
     if path.exists():
         rows = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line)["round"] <= after_round]
-        path.write_text("".join(line + "\n" for line in rows))
+        write_private(path, "".join(line + "\n" for line in rows))
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
-    with path.open("a") as f:
+    with open_private(path, "a") as f:
         f.write(json.dumps(row) + "\n")

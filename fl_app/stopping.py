@@ -9,14 +9,22 @@ from __future__ import annotations
 import math
 
 
-class FixedRounds:
+class StoppingRule:
+    """What every rule of the `stopping` group is (conf/stopping/*.yaml build one)."""
+
+    def check(self, history: list[dict]) -> str | None:
+        """Why the run stops after the last row of `history`; None to go on."""
+        raise NotImplementedError
+
+
+class FixedRounds(StoppingRule):
     """No early stop: the run ends after num_rounds."""
 
     def check(self, history: list[dict]) -> str | None:
         return None
 
 
-class TargetAccuracy:
+class TargetAccuracy(StoppingRule):
     """Stop once the centralized test accuracy of the global model reaches `target`."""
 
     def __init__(self, target: float) -> None:
@@ -32,7 +40,7 @@ class TargetAccuracy:
         return None
 
 
-class LossPlateau:
+class LossPlateau(StoppingRule):
     """Stop when the centralized test loss has not improved by `min_delta` for `patience` rounds.
 
     Improvement is measured against the best loss so far (as Keras' and Lightning's early

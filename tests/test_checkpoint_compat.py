@@ -6,6 +6,11 @@ attribute would make every run folder users have unresumable. The fixtures under
 `tests/fixtures/checkpoints/` were written by main at 64d7ece (see the README there), two rounds
 each; `expected_state.npz` holds, from that same code, the strategy state each checkpoint
 carries, and `expected_rounds.json` the metrics of rounds 3 and 4 when it was resumed there.
+
+The DP fixture's checkpoint holds its noise generator, which today's code drops on load
+(issue 22, item 10: whoever reads a checkpoint must not be able to regenerate the noise): its
+resumed rounds draw other noise than the old code's, so only their privacy accounting is
+compared exactly, not their loss.
 """
 
 import json
@@ -22,6 +27,7 @@ from fl_app import checkpoint
 from fl_app.cli import _resumed_run
 from fl_app.config import overrides_from_run_config
 from fl_app.inprocess import run
+from fl_app.strategies.accounting import epsilon_spent
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 NAMES = ("dp_fedavg_adaptive", "fedadam", "fedavg", "fedsgd_momentum")
@@ -40,12 +46,10 @@ def strategy_state(strategy: object) -> dict[str, np.ndarray]:
         return {**_named("m_t", strategy.m_t), **_named("v_t", strategy.v_t),
                 **_named("current", strategy.current_arrays)}
     if name == "DPNoise":
-        rng = strategy._noise_rng.bit_generator.state["state"]
         return {"rounds_done": np.asarray(strategy.rounds_done),
                 "clip_norm": np.asarray(strategy.clip_norm),
                 "adaptive_clip": np.asarray(strategy.adaptive_clip.value),
                 "epsilon": np.asarray(strategy.epsilon),
-                "noise_rng": np.asarray([str(rng["state"]), str(rng["inc"])]),
                 "inner_mode": np.asarray(strategy.inner.mode),
                 **_named("current", strategy.inner.current)}
     state = {"mode": np.asarray(strategy.mode), "seed": np.asarray(strategy.seed),
@@ -92,8 +96,10 @@ def test_a_checkpoint_from_before_the_split_resumes_where_it_stopped(name, tmp_p
     before = _rows(folder)
     ckpt, state, summary = resume_in_process(folder, monkeypatch)
 
-    # The strategy came back with the state the old code had put in the checkpoint.
+    # The strategy came back with the state the old code had put in the checkpoint, except
+    # the noise generator, which is dropped (see the module docstring).
     expected = dict(np.load(FIXTURES / name / "expected_state.npz"))
+    stored_generator = expected.pop("noise_rng", None)
     assert sorted(state) == sorted(expected)
     for key, value in expected.items():
         np.testing.assert_array_equal(state[key], value, err_msg=key)
@@ -104,8 +110,14 @@ def test_a_checkpoint_from_before_the_split_resumes_where_it_stopped(name, tmp_p
     assert [r["round"] for r in rows] == [1, 2, 3, 4] and rows[:2] == before
     want = json.loads((FIXTURES / name / "expected_rounds.json").read_text())
     for got, row in zip(rows[2:], want, strict=True):
-        assert got["test_loss"] == pytest.approx(row["test_loss"], rel=1e-5)
-        assert got["test_accuracy"] == pytest.approx(row["test_accuracy"], abs=1e-9)
+        if stored_generator is None:
+            assert got["test_loss"] == pytest.approx(row["test_loss"], rel=1e-5)
+            assert got["test_accuracy"] == pytest.approx(row["test_accuracy"], abs=1e-9)
+        else:  # other noise: the same sampling and accounting, a model that still learns
+            strategy = ckpt.strategy
+            assert got["train_epsilon"] == pytest.approx(epsilon_spent(
+                strategy.noise_multiplier, strategy.sample_rate, got["round"], strategy.delta))
+            assert got["test_accuracy"] == pytest.approx(row["test_accuracy"], abs=0.2)
 
     # It trained: the final model is not the checkpoint's, and the state moved on.
     final = torch.load(folder / "model.pt")

@@ -13,7 +13,7 @@ FL_APP = str(Path(sys.executable).parent / "fl-app")
     (["strategy=nope"], "Available options in 'strategy'"),
     (["model=nope"], "Available options in 'model'"),
     (["nokey=3"], "Could not override 'nokey'"),
-    (["lr=-1"], "fl-app: error: lr=-1 is invalid: it must be > 0."),
+    (["lr=-1"], "fl-app: error: lr=-1 is invalid: it must be a finite number > 0."),
     (["engine=ray"], "fl-app: error: engine=ray is invalid: it must be auto, flower or inprocess."),
     (["num_clients=2", "min_clients=3"], "min_clients=3 exceeds num_clients=2"),
 ])

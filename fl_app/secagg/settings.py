@@ -118,7 +118,13 @@ def settings_problem(s: SecAggSettings) -> str | None:
         ("modulus_range", _is_int(s.modulus_range) and s.modulus_range > s.quantization_range
          and s.modulus_range <= 2**32 and bin(s.modulus_range).count("1") == 1,
          "a power of 2 above quantization_range and at most 2**32"),
-        ("max_weight", isinstance(s.max_weight, int | float) and s.max_weight > 0, "> 0"),
+        ("max_weight", isinstance(s.max_weight, int | float) and math.isfinite(s.max_weight)
+         and s.max_weight > 0, "a finite number > 0"),
+        # A weight num_examples / max_weight is sent as a multiple of 1/quantization_range: a
+        # coarser grid rounds a small client's weight, or every weight, to 0 (a sum / 0).
+        ("quantization_range", s.quantization_range >= s.max_weight,
+         f"an integer >= max_weight = {s.max_weight:g}, so that a client of one example "
+         "weighs at least one quantization step"),
         ("timeout", s.timeout is None or (isinstance(s.timeout, int | float) and s.timeout > 0),
          "null (round_timeout) or > 0 seconds"),
     ]

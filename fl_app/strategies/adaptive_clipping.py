@@ -59,12 +59,22 @@ class QuantileClipNorm:
         self.learning_rate = float(learning_rate)
         self.count_stddev = float(count_stddev)
         self.expected_clients = float(expected_clients)
-        self._rng = rng
+        self.rng = rng
+
+    def __getstate__(self) -> dict:
+        # The count's noise generator is secret (dp_noise.py): never pickled.
+        return {k: v for k, v in self.__dict__.items() if k not in ("rng", "_rng")}
+
+    def __setstate__(self, state: dict) -> None:
+        # A checkpoint written before held the generator as `_rng`: dropped. The DP strategy
+        # that owns this rule hands it its own generator (PresampledNoise._use_generator).
+        self.__dict__.update({k: v for k, v in state.items() if k not in ("rng", "_rng")})
+        self.rng = np.random.default_rng()
 
     def noisy_unclipped_fraction(self, num_unclipped: int, num_reports: int) -> float:
         """b~: the DP estimate of the fraction of clients whose update norm was <= C."""
         centred = num_unclipped - 0.5 * num_reports
-        noisy = centred + self._rng.normal(0.0, self.count_stddev)
+        noisy = centred + self.rng.normal(0.0, self.count_stddev)
         return noisy / self.expected_clients + 0.5
 
     def update(self, num_unclipped: int, num_reports: int) -> float:

@@ -68,7 +68,8 @@ class DPNoise(SecureSumRelease, Strategy):
     max_epsilon : optional budget; `configure_train` raises `PrivacyBudgetExhausted` before a
         round that would exceed it.
     noise_seed : seed of the noise RNG. Leave it None (OS entropy) for real privacy: a known
-        seed lets anyone regenerate and subtract the noise. Set it only for tests.
+        seed lets anyone regenerate and subtract the noise. Set it only for tests. Neither it
+        nor the generator is pickled into a checkpoint (dp_noise.py).
     clipping : "fixed" (C stays clip_norm) or "adaptive" (Andrew et al. 2019).
     target_quantile, clip_lr : adaptive only: gamma, the fraction of updates to leave
         unclipped, and eta, the step of the geometric update C <- C exp(-eta (b~ - gamma)).
@@ -104,7 +105,6 @@ class DPNoise(SecureSumRelease, Strategy):
         self.sample_rate = float(strategy.fraction_train)
         self.rounds_done = 0
         self.epsilon = 0.0
-        self._noise_rng = np.random.default_rng(noise_seed)
         self._next_start = None  # see PresampledNoise
         if clipping not in CLIPPING_MODES:
             raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}.")
@@ -117,9 +117,10 @@ class DPNoise(SecureSumRelease, Strategy):
                 clipped_count_stddev = max(self.expected_clients / 20, self.noise_multiplier)
             self.adaptive_clip = QuantileClipNorm(
                 self.clip_norm, target_quantile, clip_lr, clipped_count_stddev,
-                self.expected_clients, self._noise_rng)
+                self.expected_clients, np.random.default_rng())
             self.update_noise_multiplier = update_noise_multiplier(
                 self.noise_multiplier, clipped_count_stddev)
+        self.seed_noise(noise_seed)  # the generator: dp_noise.py, never checkpointed
 
     def use_client_pool(self, population: int) -> None:
         """Sample from `population` clients served by a pool of nodes (see SampledStrategy)."""

@@ -5,11 +5,20 @@ server is idle until the replies come, so `DPNoise.configure_train` draws it the
 `aggregate_train` starts the round's sum from it. Same generator, same order: the released model
 is what drawing it later would give.
 
+The noise generator never leaves the process: whoever holds its state (or its seed) can
+regenerate every later round's noise and subtract it from the released models. A pickled
+strategy (checkpoint.pkl) carries neither, and an unpickled one draws from fresh OS entropy;
+`noise_seed` (tests only) makes each round's noise a function of (noise_seed, round), so a
+resumed run seeded again from its config draws what the uninterrupted run drew.
+
 `PresampledNoise` is a part of `DPNoise` (dp.py); it reads its `inner` strategy,
-`update_noise_multiplier`, `expected_clients` and noise generator `_noise_rng`.
+`update_noise_multiplier`, `expected_clients` and `adaptive_clip`.
 """
 
 import numpy as np
+
+# Attributes that are, or regenerate, secret noise: never pickled.
+_SECRET = ("_noise_rng", "noise_seed", "_next_start")
 
 
 class PresampledNoise:
@@ -19,6 +28,30 @@ class PresampledNoise:
     # clients train. Class-level too, so that a strategy checkpointed by an earlier version
     # resumes.
     _next_start: tuple[int, float, int, float | None, dict[str, np.ndarray]] | None = None
+    noise_seed: int | None = None
+
+    def seed_noise(self, noise_seed: int | None) -> None:
+        """Start the noise afresh: from OS entropy (None, what privacy needs), or, for tests,
+        with every round's noise drawn from (noise_seed, round)."""
+        self.noise_seed = None if noise_seed is None else int(noise_seed)
+        self._use_generator(np.random.default_rng(noise_seed))
+
+    def _use_generator(self, rng: np.random.Generator) -> None:
+        self._noise_rng = rng
+        if getattr(self, "adaptive_clip", None) is not None:  # the noised count: same generator
+            self.adaptive_clip.rng = rng
+
+    def _start_round(self, server_round: int) -> None:
+        if self.noise_seed is not None:
+            self._use_generator(np.random.default_rng([self.noise_seed, server_round]))
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in _SECRET}
+
+    def __setstate__(self, state: dict) -> None:
+        # A checkpoint written before this held the generator: it is dropped, never used.
+        self.__dict__.update({k: v for k, v in state.items() if k not in _SECRET})
+        self.seed_noise(None)
 
     def _draw_noise(self, clip: float) -> dict[str, np.ndarray]:
         """N(0, (sigma_u C)²) / m for every parameter, in the model's float dtypes."""
@@ -46,6 +79,7 @@ class PresampledNoise:
 
     def presample_noise(self, server_round: int) -> None:
         """Draw the noise of `server_round`'s release now, at this round's C."""
+        self._start_round(server_round)
         self._next_start = (server_round, self.clip_norm, id(self.inner.current),
                             *self._sum_start(self.clip_norm))
 
@@ -54,4 +88,5 @@ class PresampledNoise:
         pending, self._next_start = self._next_start, None
         if pending is not None and pending[:3] == (server_round, clip, id(self.inner.current)):
             return pending[3], pending[4]
-        return self._sum_start(clip)  # aggregate_train called without configure_train
+        self._start_round(server_round)  # aggregate_train called without configure_train
+        return self._sum_start(clip)

@@ -1,0 +1,59 @@
+"""A run folder's files are the user's alone: the folder 0700, every file 0600 from the start.
+
+A run folder holds the model, the metrics, the config and the checkpoint (which, pickled, is
+code to whoever may replace it, and with the privacy state a secret to whoever may read it).
+Files are created with their final mode by `os.open`, never written first and chmod-ed after,
+so no other user can open one in between; a file an older run left is tightened as it is
+rewritten.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+FOLDER_MODE = 0o700
+FILE_MODE = 0o600
+_FLAGS = {"w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND}
+
+
+def private_folder(path: Path) -> Path:
+    """`path` as a folder only its owner can enter (created with its parents if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=FOLDER_MODE, exist_ok=True)
+    os.chmod(path, FOLDER_MODE)  # an existing folder, or a umask that took bits away
+    return path
+
+
+def open_private(path: Path, mode: str = "w") -> IO:
+    """`open(path, mode)` for "w", "a", "wb" or "ab", the file created 0600 (and an existing
+    one made 0600)."""
+    fd = os.open(path, _FLAGS[mode[0]], FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def write_private(path: Path, data: str | bytes) -> Path:
+    """Write `data` (text or bytes) to `path`, created 0600."""
+    with open_private(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    return path
+
+
+@contextmanager
+def private_umask() -> Iterator[None]:
+    """Files and folders created inside, by libraries that open their own (TensorBoard's
+    event files, Hydra's), are 0600 / 0700 from the start. The umask is the process's: use it
+    around the creation only."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
