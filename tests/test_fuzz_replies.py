@@ -9,7 +9,6 @@ reason, and every `HARMLESS` one kept. Run with `-s` to see how each kind ended.
 
 from __future__ import annotations
 
-import copy
 import io
 from collections import Counter
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from train_round_harness import (
     reply_of,
     run_round,
     strategy_config,
+    twin_of,
 )
 
 from fl_app.records import to_array_record
@@ -218,7 +218,7 @@ def test_malformed_replies_are_dropped_with_a_reason_and_the_model_stays_honest(
     outcomes = Counter()  # how each kind of reply ended
     for rnd, plan in enumerate(_plans(name), start=1):
         attacked, clean = _answers(plan, rnd)
-        twin = copy.deepcopy(strategy)
+        twin = twin_of(cfg, strategy)
         caplog.clear()
         got = run_round(cfg, strategy, attacked, rnd, weights)
         reasons = dropped(caplog)

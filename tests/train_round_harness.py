@@ -116,11 +116,21 @@ def run_round(cfg: DictConfig, strategy, answer: Answer, rnd: int = 1,
     return new
 
 
+def twin_of(cfg: DictConfig, strategy):
+    """A copy of `strategy` that draws the same DP noise: a copy, like a checkpoint, carries no
+    noise generator, so both are seeded again from the config's noise_seed."""
+    twin = copy.deepcopy(strategy)
+    if hasattr(twin, "seed_noise"):
+        for each in (strategy, twin):
+            each.seed_noise(cfg.strategy.get("noise_seed"))
+    return twin
+
+
 def attacked_and_clean(cfg: DictConfig, strategy, attack: Answer, clean: Answer,
                        rnd: int = 1, weights: dict[str, np.ndarray] | None = None):
     """The models one round gives from the same strategy state with the `attack` answers and
     with the `clean` ones (what the attacked round should amount to)."""
-    twin = copy.deepcopy(strategy)
+    twin = twin_of(cfg, strategy)
     return (run_round(cfg, strategy, attack, rnd, weights),
             run_round(cfg, twin, clean, rnd, weights))
 
