@@ -156,7 +156,7 @@ def _check_client_pool(cfg: DictConfig) -> None:
     problem = None
     if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
         problem = "it must be null or an integer >= 1 (the number of SuperNodes to run)"
-    elif cfg.num_clients is None and "num_partitions" in cfg.partitioner:
+    elif cfg.num_clients is None and "num_partitions" in cfg.partitioner.keys():
         # (a natural partitioner's population is the dataset's: fl-app fills num_clients in)
         problem = "a pool serves a population of num_clients clients: set num_clients too"
     elif cfg.num_clients is not None and pool > cfg.num_clients:
@@ -176,7 +176,7 @@ def _data_rules(cfg: DictConfig) -> list[tuple[str, bool, str]]:
     rules = [("model._target_", bool(cfg.model.get("tokens", False)) == tokens,
               "a model for character ids with dataset=shakespeare (model=char_lstm), one for "
               "images or features (mlp, cnn, logreg, tabular_mlp) with the other datasets"),
-             ("partitioner._target_", "num_partitions" in cfg.partitioner
+             ("partitioner._target_", "num_partitions" in cfg.partitioner.keys()
               or bool(cfg.dataset.get("natural_partition", False)),
               "one that splits into num_clients partitions (iid, dirichlet, shards, "
               "pathological): only dataset=shakespeare has natural clients (its roles)")]

@@ -121,7 +121,7 @@ def natural_clients(cfg: DictConfig) -> int | None:
 def is_natural(partitioner: DictConfig) -> bool:
     """A natural partitioner splits by the data's own owners, into as many partitions as there
     are owners: it is the one that takes no num_partitions."""
-    return "num_partitions" not in partitioner
+    return "num_partitions" not in partitioner.keys()  # `in` skips a ??? value
 
 
 def _scale(name: str, x_train: np.ndarray) -> tuple[np.ndarray | float, np.ndarray | float]:
