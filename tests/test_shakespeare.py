@@ -201,3 +201,42 @@ def test_char_lstm_learns_a_tiny_set(role_texts):
     loss, acc = training.evaluate(model, x, y)
     assert loss0 > 4.4 and loss < 3.3, (loss0, loss)  # ln 97 = 4.57: from uniform guessing
     assert acc > acc0 + 0.1, (acc0, acc)
+
+
+def test_a_large_full_batch_gradient_is_accumulated_in_chunks_to_the_same_value(monkeypatch):
+    torch.manual_seed(0)
+    model = CharLSTM(shakespeare.NUM_CLASSES, hidden=8)
+    x = torch.randint(0, shakespeare.NUM_CLASSES, (50, 12), dtype=torch.uint8)
+    y = torch.randint(0, shakespeare.NUM_CLASSES, (50,))
+    whole, loss, n = training.gradient(model, x, y, None, seed=0)
+    monkeypatch.setattr(training, "GRADIENT_CHUNK", 16)  # 4 chunks, the last one short
+    chunked, chunked_loss, _ = training.gradient(model, x, y, None, seed=0)
+    assert n == 50 and chunked_loss == pytest.approx(loss, rel=1e-5)
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-6)
+
+
+# One round per strategy, in process, through the real ClientApp and server loop: one client
+# per role of the fixture (6), a narrow LSTM (the paper's shape is tested above) for speed.
+@pytest.mark.parametrize("extra", [
+    ["strategy=fedavg"],
+    ["strategy=fedsgd"],
+    ["strategy=fedprox"],
+    ["strategy=dp_fedavg", "strategy.noise_multiplier=0.1"],
+    ["strategy=fedavg", "privacy=local"],
+    ["strategy=fedavg", "secagg=secaggplus"],
+], ids=lambda extra: "+".join(o.split("=")[1] for o in extra[:2]))
+def test_every_strategy_runs_a_round_of_one_client_per_role(data_root, tmp_path, monkeypatch,
+                                                             extra):
+    from fl_app import inprocess
+    from fl_app.checkpoint import load
+
+    monkeypatch.setenv("FL_APP_TORCH_THREADS", "1")  # an LSTM on 2 shared threads crawls
+
+    overrides = [*SHAKESPEARE, f"data_root={data_root}", "model.hidden=16", "num_rounds=1",
+                 "min_clients=2", f"output_dir={tmp_path / 'run'}", "dataset.test_limit=40",
+                 *extra]
+    summary = inprocess.run(overrides, num_clients=natural_clients(compose(overrides)))
+    assert summary["rounds"] == 1 and 0 <= summary["test_accuracy"] <= 1
+    row = [r for r in load(tmp_path / "run").history if r["round"] == 1][0]
+    assert row["sampled"] == 6 and not row["lost_nodes"], row
