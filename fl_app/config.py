@@ -270,7 +270,10 @@ def _privacy_rules(cfg: DictConfig) -> list[tuple[str, bool, str]]:
                    "strictly between 0 and 1, well below 1/(examples per client)"),
                   ("privacy.name", not any(t.endswith("GradientAveraging") for t in targets),
                    "local or none with a FedSGD strategy: DP-SGD trains locally, so it needs "
-                   "strategy=fedavg or dp_fedavg")]
+                   "strategy=fedavg or dp_fedavg"),
+                  ("privacy.name", not cfg.model.get("tokens", False),
+                   "local or none with model=char_lstm: Opacus computes no per-example "
+                   "gradients for nn.LSTM (it would need its own DPLSTM layer)")]
     return rules
 
 

@@ -125,8 +125,9 @@ def test_natural_partition_gives_every_client_exactly_one_roles_text(data_root, 
         data = client_data(cfg, c, fed.num_clients)
         x, y = fed.windows(fed.train_starts[fed.train_bounds[c]:fed.train_bounds[c + 1]])
         # The role's own windows (shuffled by the client's seeded holdout), nobody else's.
-        ours = sorted(zip(map(bytes, data.x_train.numpy()), data.y_train.tolist()))
-        assert ours == sorted(zip(map(bytes, x), y.tolist()))
+        ours = sorted(zip(map(bytes, data.x_train.numpy()), data.y_train.tolist(),
+                             strict=True))
+        assert ours == sorted(zip(map(bytes, x), y.tolist(), strict=True))
 
 
 def test_natural_partition_refuses_a_federation_of_another_size(data_root):
@@ -162,6 +163,7 @@ def test_a_missing_prepared_dataset_names_the_command_to_run(tmp_path):
     (["model=char_lstm"], "model._target_"),
     (["partitioner=natural"], "partitioner._target_"),
     ([*SHAKESPEARE, "dataset.train_fraction=1"], "dataset.train_fraction"),
+    ([*SHAKESPEARE, "privacy=dpsgd"], "privacy.name"),
 ])
 def test_a_model_or_partitioner_that_cannot_read_the_dataset_is_refused(overrides, key):
     with pytest.raises(ConfigError, match=rf"^{key}=.* is invalid"):

@@ -5,7 +5,8 @@
 writes OUT/partition-<i>/train.npz (raw images `x`, labels `y`; for dataset=shakespeare the
 80-character windows `x` and next characters `y`) for i < N, the same split the config's
 partitioner gives in simulation (partitioner=natural: N is the number of roles). Copy one
-folder to each machine and start its SuperNode with --node-config 'data-dir="/path/to/partition-<i>"'.
+folder to each machine and start its SuperNode with --node-config
+'data-dir="/path/to/partition-<i>"'.
 """
 
 from __future__ import annotations
