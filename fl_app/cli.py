@@ -61,8 +61,11 @@ def _simulate(cfg: DictConfig) -> float:
         out = Path(hc.runtime.output_dir).resolve()
         overrides = [o for o in hc.overrides.task if not o.startswith("output_dir=")]
         overrides.append(f"output_dir='{out}'")  # quoted: sweep folder names hold '=' and ','
-        run_config = {"overrides": shlex.join(overrides)}
         supernodes = num_supernodes(cfg)
+        if cfg.num_clients is None and (count := _natural_clients(cfg)):
+            overrides.append(f"num_clients={count}")  # one client per role, all of them
+            supernodes = cfg.client_pool or count
+        run_config = {"overrides": shlex.join(overrides)}
     # The engine is the run config's: a resumed run goes on with the one it was started with,
     # unless the command names another (its overrides come last).
     run_overrides = overrides_from_run_config(run_config)
@@ -102,6 +105,16 @@ def client_resources(cfg: DictConfig) -> dict[str, float]:
     # Ray hides the GPUs from actors that reserve none: a GPU run gives each client a share.
     return {"client_cpus": 1,
             "client_gpus": client_gpu_share(cfg.get("client_gpus"), cfg.get("device", "auto"))}
+
+
+def _natural_clients(cfg: DictConfig) -> int | None:
+    """With partitioner=natural, how many clients the dataset has (reads the dataset)."""
+    from fl_app.data import DatasetUnavailable, natural_clients
+
+    try:
+        return natural_clients(cfg)
+    except DatasetUnavailable as err:
+        raise RunFailed(str(err)) from None
 
 
 def engine_for(engine: str, environ: Mapping[str, str] = os.environ) -> str:

@@ -114,6 +114,7 @@ def check(cfg: DictConfig) -> None:
          f"one of {available('dataset')}"),
         *_strategy_rules(cfg),
         *_privacy_rules(cfg),
+        *_data_rules(cfg),
     ]
     for key, ok, expected in rules:
         if not ok:
@@ -150,9 +151,10 @@ def _check_client_pool(cfg: DictConfig) -> None:
     problem = None
     if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
         problem = "it must be null or an integer >= 1 (the number of SuperNodes to run)"
-    elif cfg.num_clients is None:
+    elif cfg.num_clients is None and "num_partitions" in cfg.partitioner.keys():
+        # (a natural partitioner's population is the dataset's: fl-app fills num_clients in)
         problem = "a pool serves a population of num_clients clients: set num_clients too"
-    elif pool > cfg.num_clients:
+    elif cfg.num_clients is not None and pool > cfg.num_clients:
         problem = f"it exceeds num_clients={cfg.num_clients}: use null (one SuperNode each)"
     elif cfg.min_clients > pool:
         problem = f"min_clients={cfg.min_clients} of its SuperNodes can never connect"
@@ -161,6 +163,25 @@ def _check_client_pool(cfg: DictConfig) -> None:
                    "fl_app's (fedavg, fedsgd, dp_fedavg, dp_fedavg_adaptive, dp_fedsgd)")
     if problem:
         raise ConfigError(f"client_pool={pool} is invalid: {problem}.")
+
+
+def _data_rules(cfg: DictConfig) -> list[tuple[str, bool, str]]:
+    """The model reads what the dataset holds; a natural partition needs the data's owners."""
+    tokens = bool(cfg.dataset.get("tokens", False))
+    rules = [("model._target_", bool(cfg.model.get("tokens", False)) == tokens,
+              "a model for character ids with dataset=shakespeare (model=char_lstm), one for "
+              "images or features (mlp, cnn, logreg, tabular_mlp) with the other datasets"),
+             ("partitioner._target_", "num_partitions" in cfg.partitioner.keys()
+              or bool(cfg.dataset.get("natural_partition", False)),
+              "one that splits into num_clients partitions (iid, dirichlet, shards, "
+              "pathological): only dataset=shakespeare has natural clients (its roles)")]
+    if cfg.dataset.name == "shakespeare":
+        roles, limit = cfg.dataset.get("roles"), cfg.dataset.get("test_limit")
+        rules += [("dataset.train_fraction", 0 < cfg.dataset.train_fraction < 1, "in (0, 1)"),
+                  ("dataset.min_samples", cfg.dataset.min_samples >= 2, "an integer >= 2"),
+                  ("dataset.roles", roles is None or roles >= 1, "null (all) or >= 1"),
+                  ("dataset.test_limit", limit is None or limit >= 1, "null (all) or >= 1")]
+    return rules
 
 
 def _strategy_rules(cfg: DictConfig) -> list[tuple[str, bool, str]]:
@@ -237,7 +258,10 @@ def _privacy_rules(cfg: DictConfig) -> list[tuple[str, bool, str]]:
                    "strictly between 0 and 1, well below 1/(examples per client)"),
                   ("privacy.name", not any(t.endswith("GradientAveraging") for t in targets),
                    "local or none with a FedSGD strategy: DP-SGD trains locally, so it needs "
-                   "strategy=fedavg or dp_fedavg")]
+                   "strategy=fedavg or dp_fedavg"),
+                  ("privacy.name", not cfg.model.get("tokens", False),
+                   "local or none with model=char_lstm: Opacus computes no per-example "
+                   "gradients for nn.LSTM (it would need its own DPLSTM layer)")]
     return rules
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fl_app import dataset_files, targets
+from fl_app import dataset_files, shakespeare, targets
 
 # A fixed split seed keeps the test set identical across runs with different training seeds.
 SPLIT_SEED = 2017
@@ -55,7 +55,10 @@ def cache_dir() -> Path:
 
 
 def load_dataset(dataset: DictConfig) -> Split:
-    """Train and test split of the configured dataset, normalized, as float32/int64 tensors."""
+    """Train and test split of the configured dataset, normalized, as float32/int64 tensors
+    (a token dataset's inputs: uint8 character ids)."""
+    if dataset.name == "shakespeare":
+        return _shakespeare(*_shakespeare_key(dataset))[0]
     return _load(dataset.name, dataset.get("root"), bool(dataset.get("download", False)),
                  float(dataset.get("test_fraction", 0.0)), tuple(dataset.input_shape))
 
@@ -74,6 +77,50 @@ def _load(name: str, root: str | None, download: bool, test_fraction: float,
     mean, std = _scale(name, x_train)
     return Split(_scaled(x_train, shape, mean, std), torch.as_tensor(y_train, dtype=torch.int64),
                  _scaled(x_test, shape, mean, std), torch.as_tensor(y_test, dtype=torch.int64))
+
+
+def _shakespeare_key(dataset: DictConfig) -> tuple:
+    root = dataset.get("root") or cache_dir() / "data"
+    if int(dataset.num_classes) != shakespeare.NUM_CLASSES:
+        raise ValueError(f"dataset.num_classes={dataset.num_classes}: Shakespeare's vocabulary "
+                         f"has {shakespeare.NUM_CLASSES} classes; leave it at that.")
+    return (str(Path(root).expanduser()), int(dataset.input_shape[0]),
+            float(dataset.train_fraction), int(dataset.min_samples), dataset.get("roles"),
+            dataset.get("test_limit"))
+
+
+@lru_cache(maxsize=2)
+def _shakespeare(root: str, seq_length: int, train_fraction: float, min_samples: int,
+                 roles: int | None, test_limit: int | None) -> tuple[Split, np.ndarray]:
+    """The pooled Shakespeare windows of every kept role, and the role (client) of each
+    training window. `test_limit` evaluates on a seeded sample of the pooled test windows."""
+    try:
+        role_texts = shakespeare.load(root)
+    except shakespeare.ShakespeareUnavailable as err:
+        raise DatasetUnavailable(str(err)) from None
+    fed = shakespeare.federate(role_texts, seq_length, train_fraction, min_samples, roles,
+                               seed=SPLIT_SEED)
+    test = fed.test_starts
+    if test_limit is not None and test_limit < len(test):
+        test = np.sort(np.random.default_rng(SPLIT_SEED).choice(test, test_limit,
+                                                                replace=False))
+    (x_train, y_train), (x_test, y_test) = fed.windows(fed.train_starts), fed.windows(test)
+    split = Split(*(torch.from_numpy(np.ascontiguousarray(a))
+                    for a in (x_train, y_train, x_test, y_test)))
+    return split, fed.train_owners()
+
+
+def natural_clients(cfg: DictConfig) -> int | None:
+    """With partitioner=natural, the dataset's number of clients (its roles); else None."""
+    if not is_natural(cfg.partitioner):
+        return None
+    return len(np.unique(_shakespeare(*_shakespeare_key(cfg.dataset))[1]))
+
+
+def is_natural(partitioner: DictConfig) -> bool:
+    """A natural partitioner splits by the data's own owners, into as many partitions as there
+    are owners: it is the one that takes no num_partitions."""
+    return "num_partitions" not in partitioner.keys()  # `in` skips a ??? value
 
 
 def _scale(name: str, x_train: np.ndarray) -> tuple[np.ndarray | float, np.ndarray | float]:
@@ -178,22 +225,29 @@ def _scaled(x: np.ndarray, shape: tuple[int, ...], mean: np.ndarray | float,
     return torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), *shape), dtype=np.float32))
 
 
-def partition(labels: np.ndarray, partitioner: DictConfig, num_partitions: int) -> list[np.ndarray]:
-    """Example indices of every partition, by a flwr-datasets partitioner built from config.
+def partition(labels: np.ndarray, partitioner: DictConfig, num_partitions: int,
+              owners: np.ndarray | None = None) -> list[np.ndarray]:
+    """Example indices of every partition, by a flwr-datasets partitioner built from config;
+    a natural one (NaturalIdPartitioner) groups the examples by `owners`.
 
     In deployment each message starts a fresh ClientApp process, and importing `datasets` to
     re-partition costs seconds: the result is kept on disk, keyed by everything it depends on.
     """
     cfg = OmegaConf.to_yaml(partitioner, resolve=True)
-    key = hashlib.sha1(f"{cfg}|{num_partitions}|".encode() + labels.tobytes()).hexdigest()
-    return _stored_partition(key, cfg, labels, num_partitions)
+    if is_natural(partitioner) and owners is None:
+        raise ValueError("partitioner=natural gives each of the data's own clients a partition, "
+                         "but this dataset has none: use dataset=shakespeare (one client per "
+                         "role), or another partitioner.")
+    key = hashlib.sha1(f"{cfg}|{num_partitions}|".encode() + labels.tobytes()
+                       + (b"" if owners is None else owners.tobytes())).hexdigest()
+    return _stored_partition(key, cfg, labels, num_partitions, owners)
 
 
 _PARTITIONS: dict[str, list[np.ndarray]] = {}  # in-process: one disk read per process
 
 
-def _stored_partition(key: str, cfg: str, labels: np.ndarray,
-                      num_partitions: int) -> list[np.ndarray]:
+def _stored_partition(key: str, cfg: str, labels: np.ndarray, num_partitions: int,
+                      owners: np.ndarray | None = None) -> list[np.ndarray]:
     if key in _PARTITIONS:
         return _PARTITIONS[key]
     path = cache_dir() / "partitions" / f"{key[:20]}.npz"
@@ -201,13 +255,31 @@ def _stored_partition(key: str, cfg: str, labels: np.ndarray,
         with np.load(path) as f:
             parts = [f[f"p{i}"] for i in range(num_partitions)]
     else:
-        parts = _partition(cfg, tuple(labels.tolist()), num_partitions)
+        parts = (_natural_partition(cfg, owners, num_partitions) if owners is not None
+                 else _partition(cfg, tuple(labels.tolist()), num_partitions))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.npz")
         np.savez(tmp, **{f"p{i}": p for i, p in enumerate(parts)})
         os.replace(tmp, path)
     _PARTITIONS[key] = parts
     return parts
+
+
+def _natural_partition(cfg_yaml: str, owners: np.ndarray,
+                       num_partitions: int) -> list[np.ndarray]:
+    from datasets import Dataset
+
+    partitioner = targets.build("partitioner", OmegaConf.create(cfg_yaml))
+    partitioner.dataset = Dataset.from_dict({partitioner._partition_by: owners,
+                                             "idx": np.arange(len(owners))})
+    if partitioner.num_partitions != num_partitions:
+        raise ValueError(
+            f"partitioner=natural gives one client per role: the dataset has "
+            f"{partitioner.num_partitions}, the federation {num_partitions}. Leave num_clients "
+            f"null with fl-app (it runs {partitioner.num_partitions}), or run flwr with "
+            f"--federation-config 'num-supernodes={partitioner.num_partitions}'.")
+    return [np.sort(np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64))
+            for i in range(num_partitions)]
 
 
 def _partition(cfg_yaml: str, labels: tuple[int, ...], num_partitions: int) -> list[np.ndarray]:
@@ -256,6 +328,9 @@ def local_data(cfg: DictConfig, folder: str | Path, seed_id: int = 0) -> ClientD
     if x.size != len(y) * int(np.prod(shape)):
         raise ValueError(f"{path}: x has shape {x.shape}, which is not {len(y)} examples of "
                          f"shape {shape} for dataset={name}.")
+    if cfg.dataset.get("tokens"):
+        return _holdout_client(cfg, *_token_tensors(path, x, y, shape, cfg.dataset.num_classes),
+                               np.arange(len(y)), seed_id)
     shared_train = (_holdout(*_embedded(name), float(cfg.dataset.test_fraction))[0]
                     if name in STANDARDIZED else None)
     x_all = _scaled(x, shape, *_scale(name, shared_train))
@@ -263,13 +338,34 @@ def local_data(cfg: DictConfig, folder: str | Path, seed_id: int = 0) -> ClientD
     return _holdout_client(cfg, x_all, y_all, np.arange(len(y)), seed_id)
 
 
+def _token_tensors(path: Path, x: np.ndarray, y: np.ndarray, shape: tuple[int, ...],
+                   num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token set's windows `x` and next tokens `y` as tensors, refused unless every id is a
+    class of the vocabulary."""
+    for name, a in (("x", x), ("y", y)):
+        if a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0
+                       or a.max() >= num_classes):
+            raise ValueError(f"{path}: {name} must hold character ids in 0..{num_classes - 1} "
+                             f"(as fl_app.deploy.partitions writes them), got dtype {a.dtype}.")
+    return (torch.from_numpy(x.reshape(len(y), *shape).astype(np.uint8)),
+            torch.as_tensor(y, dtype=torch.int64))
+
+
 def client_data(cfg: DictConfig, partition_id: int, num_partitions: int) -> ClientData:
     """One client's local training and held-out split."""
     split = load_dataset(cfg.dataset)
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}.")
-    idx = partition(split.y_train.numpy(), cfg.partitioner, num_partitions)[partition_id]
+    idx = partition(split.y_train.numpy(), cfg.partitioner, num_partitions,
+                    train_owners(cfg))[partition_id]
     return _holdout_client(cfg, split.x_train, split.y_train, idx, partition_id)
+
+
+def train_owners(cfg: DictConfig) -> np.ndarray | None:
+    """The client (role) of every training example, for partitioner=natural; else None."""
+    if not is_natural(cfg.partitioner) or cfg.dataset.name != "shakespeare":
+        return None
+    return _shakespeare(*_shakespeare_key(cfg.dataset))[1]
 
 
 def _holdout_client(cfg: DictConfig, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray,

@@ -165,6 +165,9 @@ SCHEMA: dict[str, Rule] = {
     "model.num_classes": integer(ge=2),
     "model.hidden": COUNT,
     "model.hidden_layers": COUNT,
+    "model.embedding_dim": COUNT,
+    "model.layers": COUNT,
+    "model.tokens": FLAG,
     # conf/dataset/ (which names exist: fl_app.config.check)
     "dataset.name": TEXT,
     "dataset.input_shape": SHAPE,
@@ -172,6 +175,12 @@ SCHEMA: dict[str, Rule] = {
     "dataset.test_fraction": FRACTION_OPEN,
     "dataset.root": FOLDER,
     "dataset.download": FLAG,
+    "dataset.tokens": FLAG,
+    "dataset.natural_partition": FLAG,
+    "dataset.train_fraction": FRACTION_OPEN,
+    "dataset.min_samples": COUNT,
+    "dataset.roles": COUNT.nullable(),
+    "dataset.test_limit": COUNT.nullable(),
     # conf/partitioner/
     "partitioner._target_": TARGET,
     "partitioner.num_partitions": SET_BY_FL_APP,

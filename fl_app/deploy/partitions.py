@@ -2,9 +2,11 @@
 
     python -m fl_app.deploy.partitions OUT --num-partitions 3 [hydra overrides...]
 
-writes OUT/partition-<i>/train.npz (raw images `x`, labels `y`) for i < N, the same split the
-config's partitioner gives in simulation. Copy one folder to each machine and start its
-SuperNode with --node-config 'data-dir="/path/to/partition-<i>"'.
+writes OUT/partition-<i>/train.npz (raw images `x`, labels `y`; for dataset=shakespeare the
+80-character windows `x` and next characters `y`) for i < N, the same split the config's
+partitioner gives in simulation (partitioner=natural: N is the number of roles). Copy one
+folder to each machine and start its SuperNode with --node-config
+'data-dir="/path/to/partition-<i>"'.
 """
 
 from __future__ import annotations
@@ -16,18 +18,24 @@ from pathlib import Path
 import numpy as np
 
 from fl_app.config import compose
-from fl_app.data import EMBEDDED, _embedded, _holdout, partition
+from fl_app.data import EMBEDDED, _embedded, _holdout, load_dataset, partition, train_owners
 
 
 def export(out: Path, num_partitions: int, overrides: Sequence[str] = ()) -> list[Path]:
     cfg = compose(list(overrides))
-    if cfg.dataset.name not in EMBEDDED:
-        raise ValueError(f"Exporting supports the embedded datasets ({', '.join(EMBEDDED)}); "
-                         "for the torchvision sets, copy their files to each machine instead.")
-    x, y = _embedded(cfg.dataset.name)
-    x_train, y_train, _, _ = _holdout(x, y, cfg.dataset.test_fraction)
+    if cfg.dataset.name == "shakespeare":  # character windows (uint8 ids) and next characters
+        split = load_dataset(cfg.dataset)
+        x_train, y_train = split.x_train.numpy(), split.y_train.numpy()
+    elif cfg.dataset.name in EMBEDDED:
+        x, y = _embedded(cfg.dataset.name)
+        x_train, y_train, _, _ = _holdout(x, y, cfg.dataset.test_fraction)
+    else:
+        raise ValueError(f"Exporting supports the embedded datasets ({', '.join(EMBEDDED)}) "
+                         "and shakespeare; for the torchvision sets, copy their files to each "
+                         "machine instead.")
     folders = []
-    for i, idx in enumerate(partition(y_train, cfg.partitioner, num_partitions)):
+    for i, idx in enumerate(partition(y_train, cfg.partitioner, num_partitions,
+                                      train_owners(cfg))):
         folder = out / f"partition-{i}"
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(folder / "train.npz", x=x_train[idx], y=y_train[idx])
