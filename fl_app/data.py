@@ -385,5 +385,5 @@ def partition_train_sizes(cfg: DictConfig, num_partitions: int) -> list[int]:
     """The training examples of each partition's client (its partition less the held-out
     split): the most num-examples an honest simulated client can report."""
     split = load_dataset(cfg.dataset)
-    parts = partition(split.y_train.numpy(), cfg.partitioner, num_partitions)
+    parts = partition(split.y_train.numpy(), cfg.partitioner, num_partitions, train_owners(cfg))
     return [len(idx) - _num_held_out(len(idx), cfg.val_fraction) for idx in parts]

@@ -13,7 +13,8 @@ import torch
 
 from fl_app import shakespeare, training
 from fl_app.config import ConfigError, compose
-from fl_app.data import DatasetUnavailable, client_data, load_dataset, natural_clients
+from fl_app.data import (DatasetUnavailable, client_data, load_dataset, natural_clients,
+                         partition_train_sizes)
 from fl_app.models import CharLSTM, num_parameters
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "shakespeare"
@@ -128,6 +129,15 @@ def test_natural_partition_gives_every_client_exactly_one_roles_text(data_root, 
         ours = sorted(zip(map(bytes, data.x_train.numpy()), data.y_train.tolist(),
                              strict=True))
         assert ours == sorted(zip(map(bytes, x), y.tolist(), strict=True))
+
+
+def test_the_server_sizes_each_role_client_by_its_own_windows(data_root):
+    # The server bounds every simulated reply's num-examples by its partition's size: with
+    # partitioner=natural those are the roles' windows less the held-out split.
+    cfg = compose([*SHAKESPEARE, f"data_root={data_root}", "val_fraction=0.5"])
+    sizes = partition_train_sizes(cfg, 6)
+    assert sizes == [len(client_data(cfg, c, 6).y_train) for c in range(6)]
+    assert len(set(sizes)) > 1  # the roles differ in size: not one pooled split
 
 
 def test_natural_partition_refuses_a_federation_of_another_size(data_root):
