@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import ssl
+import subprocess
 import threading
 import time
 
@@ -155,3 +156,20 @@ def test_serverapp_writes_nothing_outside_its_output_folder(federation):
     # Runs above wrote their outputs where output_dir pointed; the SuperLink's own working
     # directory, where a relative path would have landed, stays empty.
     assert list(federation.superlink_cwd.iterdir()) == []
+
+
+def test_a_federation_that_fails_to_start_leaves_no_process_behind(tmp_path, monkeypatch):
+    fed = LocalFederation(tmp_path, num_supernodes=2, env=FAST)
+    started = []
+
+    def refused(public_key):  # the SuperLink, its SuperExec and the gateway are up by now
+        started.extend(p.pid for p in fed.procs.values())
+        return subprocess.CompletedProcess(["flwr"], 1, "", "registration refused")
+
+    monkeypatch.setattr(fed, "register", refused)
+    with pytest.raises(RuntimeError, match="Registering supernode-0 failed"):
+        with fed:
+            pass
+    assert started, "the SuperLink was never started: the test proved nothing"
+    assert not [pid for pid in started if alive(pid)]
+    assert fed.procs == {}

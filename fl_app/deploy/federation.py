@@ -202,17 +202,25 @@ class LocalFederation:
         return "refused" if "Exit Code" in log else "starting"
 
     def start(self) -> LocalFederation:
-        """Credentials, SuperLink, key registration, every SuperNode: ready for `run`."""
-        self.write_credentials()
-        self.start_superlink()
-        if self.auth:
+        """Credentials, SuperLink, key registration, every SuperNode: ready for `run`.
+
+        If any step fails, every process already started is stopped before the error is
+        raised: neither `with` (whose __exit__ never runs when __enter__ raises) nor a fixture
+        that never reaches its yield would stop them."""
+        try:
+            self.write_credentials()
+            self.start_superlink()
+            if self.auth:
+                for i in range(self.num_supernodes):
+                    result = self.register(self.creds / f"supernode-{i}.pub")
+                    if result.returncode != 0:
+                        raise RuntimeError(f"Registering supernode-{i} failed: "
+                                           f"{result.stdout}{result.stderr}")
             for i in range(self.num_supernodes):
-                result = self.register(self.creds / f"supernode-{i}.pub")
-                if result.returncode != 0:
-                    raise RuntimeError(f"Registering supernode-{i} failed: "
-                                       f"{result.stdout}{result.stderr}")
-        for i in range(self.num_supernodes):
-            self.start_supernode(i)
+                self.start_supernode(i)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def kill(self, name: str) -> None:
