@@ -41,9 +41,20 @@ def open_private(path: Path, mode: str = "w") -> IO:
 
 
 def write_private(path: Path, data: str | bytes) -> Path:
-    """Write `data` (text or bytes) to `path`, created 0600."""
-    with open_private(path, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
+    """Write `data` (text or bytes) to `path` so that only its owner can ever read it.
+
+    The file is created 0600 by the `open` call itself, under a temporary name, then renamed
+    over `path`: an existing file of wider mode is replaced, not rewritten, so whoever had
+    opened it never reads the new contents, and a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

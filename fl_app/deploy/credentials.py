@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,26 +27,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fl_app.run_files import write_private
+
 VALID_DAYS = 365
 LOOPBACK = ("127.0.0.1", "localhost")
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a secret so that it is never readable by anyone but its owner.
-
-    The file is created 0600 by the `open` call itself (under a temporary name, then renamed
-    over `path`): writing first and chmod-ing after would leave it readable, under a usual
-    umask, until the chmod, and an existing file of wider mode would keep that mode.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _name(common_name: str) -> x509.Name:
