@@ -30,9 +30,9 @@ from fl_app.config import (
     num_supernodes,
     overrides_from_run_config,
 )
+from fl_app.deploy.runner import PROJECT_ROOT, flwr_env, flwr_run, toml_run_config
 from fl_app.device import client_gpu_share
 from fl_app.run_files import private_folder, write_private
-from fl_app.runner import PROJECT_ROOT, flwr_env, flwr_run, toml_run_config
 
 DEFAULT_SUPERNODES = 10
 

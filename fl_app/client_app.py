@@ -2,7 +2,7 @@
 
 The process that runs it decides how long its clients live:
 - a simulation actor (Ray), an in-process grid, or a deployed SuperNode's `fl-app-executor`
-  (`fl_app.executor`) serves many messages: the clients it builds stay cached in the process;
+  (`fl_app.deploy.executor`) serves many messages: the clients it builds stay cached in the process;
 - a SuperNode without the executor (Flower's own `flower-superexec`) starts a fresh
   `flwr-clientapp` process for every message, which imports torch and builds its client each
   time (the plain Flower path: it works, a few seconds slower per round).

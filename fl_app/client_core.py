@@ -20,10 +20,11 @@ from omegaconf import DictConfig
 from fl_app import device, targets, training
 from fl_app.config import compose, overrides_from_run_config
 from fl_app.data import ClientData, client_data, local_data
+from fl_app.messages import CLIENT_ID
 from fl_app.models import get_weights, is_small_dense, set_weights
-from fl_app.privacy import DPSGD, LocalDP
-from fl_app.privacy import from_config as client_privacy
-from fl_app.records import CLIENT_ID, array_view, to_array_record
+from fl_app.privacy.client import DPSGD, LocalDP
+from fl_app.privacy.client import from_config as client_privacy
+from fl_app.records import array_view, to_array_record
 
 
 class TorchClient(NumPyClient):
@@ -34,7 +35,7 @@ class TorchClient(NumPyClient):
     gradient of the local loss at the received weights instead.
     A "proximal-mu" in the config (Flower's FedProx) adds mu/2·||w − w_received||² to the
     local loss.
-    `privacy` (fl_app.privacy): DP-SGD replaces the local SGD; local DP clips and noises the
+    `privacy` (fl_app.privacy.client): DP-SGD replaces the local SGD; local DP clips and noises the
     update before it is returned, and the reply's metrics then hold the client's epsilon
     instead of its training loss.
     """

@@ -25,15 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fl_app import device, schema, targets
+from fl_app.errors import ConfigError
+from fl_app.messages import GRADIENT
 from fl_app.secagg.settings import config_problem as secagg_problem
 from fl_app.secagg.settings import config_warning as secagg_warning
+from fl_app.strategies import features
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("strategy", "model", "dataset", "partitioner", "privacy", "secagg")
-
-
-class ConfigError(ValueError):
-    """A run's configuration cannot be composed; the message says what is wrong and how to fix."""
 
 
 def available(group: str) -> list[str]:
@@ -158,7 +157,7 @@ def _check_client_pool(cfg: DictConfig) -> None:
         problem = f"it exceeds num_clients={cfg.num_clients}: use null (one SuperNode each)"
     elif cfg.min_clients > pool:
         problem = f"min_clients={cfg.min_clients} of its SuperNodes can never connect"
-    elif not str(cfg.strategy._target_).startswith("fl_app.strategies."):
+    elif not features.of_config(cfg.strategy)["client_pool"]:
         problem = ("Flower's built-in strategies sample SuperNodes, not clients: use one of "
                    "fl_app's (fedavg, fedsgd, dp_fedavg, dp_fedavg_adaptive, dp_fedsgd)")
     if problem:
@@ -250,13 +249,11 @@ def _privacy_rules(cfg: DictConfig) -> list[tuple[str, bool, str]]:
                   ("privacy.clip_norm", num("privacy.clip_norm") > 0, "> 0"),
                   *delta_rules("privacy", may_be_null=False)]
     if name == "dpsgd":
-        targets = {str(OmegaConf.select(cfg, k)) for k in ("strategy._target_",
-                                                           "strategy.strategy._target_")}
         rules += [("privacy.noise_multiplier", num("privacy.noise_multiplier") > 0, no_noise),
                   ("privacy.max_grad_norm", num("privacy.max_grad_norm") > 0, "> 0"),
                   ("privacy.delta", 0 < num("privacy.delta") < 1,
                    "strictly between 0 and 1, well below 1/(examples per client)"),
-                  ("privacy.name", not any(t.endswith("GradientAveraging") for t in targets),
+                  ("privacy.name", features.of_config(cfg.strategy)["mode"] != GRADIENT,
                    "local or none with a FedSGD strategy: DP-SGD trains locally, so it needs "
                    "strategy=fedavg or dp_fedavg"),
                   ("privacy.name", not cfg.model.get("tokens", False),

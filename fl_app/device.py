@@ -16,6 +16,8 @@ import re
 import socket
 from typing import TYPE_CHECKING
 
+from fl_app.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -56,8 +58,6 @@ def resolve(setting: object) -> torch.device:
     import torch
 
     if error := invalid(setting):
-        from fl_app.config import ConfigError
-
         raise ConfigError(error)
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,8 +75,6 @@ def client_gpu_share(client_gpus: float | None, setting: object) -> float:
     if client_gpus is None:
         return 0.0 if on.type == "cpu" else DEFAULT_GPU_SHARE
     if float(client_gpus) == 0 and str(setting).startswith("cuda"):
-        from fl_app.config import ConfigError
-
         raise ConfigError(f"client_gpus=0 with device={setting}: Flower's simulation hides the "
                           "GPUs from clients that reserve none, so none could train on CUDA. "
                           f"Set client_gpus=null ({DEFAULT_GPU_SHARE:g}) or a share such as "

@@ -8,7 +8,6 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterable
 from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
@@ -24,17 +23,15 @@ from omegaconf import DictConfig, open_dict
 from fl_app import checkpoint, device, targets, training
 from fl_app.config import ConfigError, compose, num_supernodes, overrides_from_run_config, to_yaml
 from fl_app.data import load_dataset, natural_clients, partition_train_sizes
+from fl_app.exchange import exchange, expire_with_round, is_flower_simulation, payload_bytes
 from fl_app.models import get_weights, num_parameters, set_weights
+from fl_app.privacy.accounting import PrivacyBudgetExhausted
+from fl_app.privacy.central import DPNoise
 from fl_app.records import from_array_record, to_array_record
 from fl_app.run_files import open_private, private_folder, private_umask, write_private
-from fl_app.strategies import (
-    DPNoise,
-    NotEnoughClientsError,
-    PrivacyBudgetExhausted,
-    SampledStrategy,
-)
-from fl_app.strategies.example_cap import ExampleCap
-from fl_app.strategies.flower_replies import usable_replies
+from fl_app.strategies import NotEnoughClientsError, SampledStrategy
+from fl_app.strategies.flower_adapter import usable_replies
+from fl_app.strategies.replies import ExampleCap
 
 
 def main(grid: Grid, context: Context) -> None:
@@ -199,24 +196,6 @@ def train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
     return (weights if new is None else from_array_record(new)), row
 
 
-# Flower's deployment grid sleeps 3 s between pulls for replies (its simulation grid 0.1 s):
-# up to 3 s added to every deployed round, 1.5 s on average, for nothing. A deployed pull is a
-# call to the SuperLink; the simulation's grid reads the replies from memory in its own
-# process, so it is asked far more often: the round then ends within milliseconds of its last
-# reply instead of 50 ms later on average, a tenth of a 2NN round.
-PULL_INTERVAL = 0.1
-PULL_INTERVAL_IN_MEMORY = 0.005
-
-
-def _is_flower_simulation(grid: Grid) -> bool:
-    # Flower exports no name for its simulation grid class.
-    return type(grid).__name__ == "InMemoryGrid"
-
-
-def _pull_interval(grid: Grid) -> float:
-    return PULL_INTERVAL_IN_MEMORY if _is_flower_simulation(grid) else PULL_INTERVAL
-
-
 def bound_client_counts(strategy: Strategy, grid: Grid, cfg: DictConfig) -> None:
     """Bound the num-examples each reply counts for by `max_examples_per_client` and, in
     simulation, by the examples its client really has.
@@ -228,7 +207,7 @@ def bound_client_counts(strategy: Strategy, grid: Grid, cfg: DictConfig) -> None
     cannot know what a SuperNode holds: only max_examples_per_client bounds it there.
     """
     per_node, largest = {}, None
-    simulated = hasattr(grid, "partition_ids") or _is_flower_simulation(grid)
+    simulated = hasattr(grid, "partition_ids") or is_flower_simulation(grid)
     if simulated and cfg.num_clients:
         sizes = partition_train_sizes(cfg, cfg.num_clients)
         largest = max(sizes)
@@ -241,26 +220,6 @@ def bound_client_counts(strategy: Strategy, grid: Grid, cfg: DictConfig) -> None
         cap = ExampleCap(cfg.get("max_examples_per_client"))
         cap.know_sizes(per_node, largest)
         strategy.example_cap = cap
-
-
-def exchange(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
-    """Send `messages` and return the replies that came within `timeout` seconds: Flower's
-    `send_and_receive`, pulling every PULL_INTERVAL s. Grids that are not Flower's (the
-    in-process one, tests' fakes) do their own `send_and_receive`."""
-    if not isinstance(grid, Grid):
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    waiting = {msg_id for msg_id in grid.push_messages(messages) if msg_id}  # "": not sent
-    deadline = None if timeout is None else time.monotonic() + timeout
-    replies: list[Message] = []
-    interval = _pull_interval(grid)
-    while waiting:
-        pulled = list(grid.pull_messages(waiting))
-        replies += pulled
-        waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
-        if not waiting or (deadline is not None and time.monotonic() >= deadline):
-            break
-        time.sleep(interval)
-    return replies
 
 
 def evaluate_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
@@ -307,18 +266,6 @@ def wait_for_clients(grid: Grid, cfg: DictConfig, wanted: int | None = None) -> 
     return connected
 
 
-def expire_with_round(messages: Iterable[Message], round_timeout: float) -> list[Message]:
-    """Give each message the round's lifetime instead of Flower's default 12 hours.
-
-    A SuperNode that was away would otherwise work through a backlog of stale rounds after it
-    rejoins and answer every current round too late.
-    """
-    messages = list(messages)
-    for message in messages:
-        message.metadata.ttl = float(round_timeout)
-    return messages
-
-
 def lost_nodes(rnd: int, messages: list[Message], replies: list[Message]) -> list[int]:
     """Sampled nodes that sent no usable reply this round (gone, timed out, or failed)."""
     answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
@@ -327,12 +274,6 @@ def lost_nodes(rnd: int, messages: list[Message], replies: list[Message]) -> lis
         log(WARNING, "[round %d] lost %d of %d sampled node(s): %s (no reply, an error reply, "
             "or past round_timeout)", rnd, len(lost), len(messages), lost)
     return lost
-
-
-def payload_bytes(messages: Iterable[Message]) -> int:
-    """Bytes of the records the messages carry (what crosses the network, before framing)."""
-    return sum(record.count_bytes() for m in messages if m.has_content()
-               for record in m.content.values())
 
 
 def progress_line(row: dict, num_rounds: int, history: list[dict]) -> str:

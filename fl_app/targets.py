@@ -37,8 +37,7 @@ ALLOWED_MODULES = ("fl_app.", "flwr.serverapp.strategy.", "flwr_datasets.partiti
                    "torch.nn.")
 # Under those, modules whose classes need a process group, devices or a network: never from a
 # run config.
-DENIED_MODULES = ("torch.nn.parallel.", "fl_app.deploy.", "fl_app.executor",
-                  "fl_app.processes", "fl_app.runner")
+DENIED_MODULES = ("torch.nn.parallel.", "fl_app.deploy.")
 _DOTTED = re.compile(r"[A-Za-z]\w*(\.[A-Za-z]\w*)+")
 _ALLOWED = ", ".join(m.rstrip(".") for m in ALLOWED_MODULES)
 

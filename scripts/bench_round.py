@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from fl_app.deploy.federation import LocalFederation
-from fl_app.processes import pids_with_cmdline, stop
-from fl_app.runner import flwr_run, local_superlink_env, toml_run_config
+from fl_app.deploy.processes import pids_with_cmdline, stop
+from fl_app.deploy.runner import flwr_run, local_superlink_env, toml_run_config
 
 
 def _round_times(out: Path) -> list[float]:

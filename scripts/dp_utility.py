@@ -31,10 +31,10 @@ from fl_app.client_core import TorchClient
 from fl_app.config import compose
 from fl_app.data import ClientData, load_dataset, partition
 from fl_app.models import get_weights, set_weights
-from fl_app.privacy import from_config as client_privacy
+from fl_app.privacy.accounting import PrivacyBudgetExhausted
+from fl_app.privacy.client import from_config as client_privacy
 from fl_app.records import to_array_record
 from fl_app.server_loop import train_round
-from fl_app.strategies import PrivacyBudgetExhausted
 
 # One population and one local training recipe for every row; only the privacy differs.
 COMMON = ["model=mlp", "dataset=mnist5k", "partitioner=iid", "val_fraction=0",

@@ -27,7 +27,7 @@ from pathlib import Path
 from fl_app.config import ConfigError, compose
 from fl_app.data import DatasetUnavailable, natural_clients
 from fl_app.deploy.federation import CONNECTION, LocalFederation
-from fl_app.runner import PROJECT_ROOT, toml_run_config
+from fl_app.deploy.runner import PROJECT_ROOT, toml_run_config
 
 # Flower-supported settings for --no-executor: flower-superexec polls for work every 0.1 s
 # instead of 1 s, and one torch thread per ClientApp so three of them do not oversubscribe two

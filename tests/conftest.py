@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from fl_app.processes import pids_with_cmdline, stop
-from fl_app.runner import local_superlink_env
+from fl_app.deploy.processes import pids_with_cmdline, stop
+from fl_app.deploy.runner import local_superlink_env
 
 # Expected values in the tests were computed on the CPU; on a machine with a GPU, device=auto
 # would train there and differ in the last digits. Tests of the GPU path name device= themselves.

@@ -96,7 +96,7 @@ def test_os_system_through_the_run_config_is_refused_by_server_and_client(tmp_pa
     ("model", {"_target_": "torch.nn.Sequential",
                "_args_": [{"_target_": "os.system", "_args_": ["touch MARKER"]}]},
      "model._args_[0]._target_=os.system"),
-    ("strategy", {"_target_": "fl_app.strategies.DPNoise",
+    ("strategy", {"_target_": "fl_app.privacy.central.DPNoise",
                   "strategy": {"_target_": "os.system", "_args_": ["touch MARKER"]}},
      "strategy.strategy._target_=os.system"),
     ("model", {"_target_": 7}, "model._target_=7 is refused"),

@@ -34,8 +34,8 @@ from fl_app.deploy import credentials
 from fl_app.deploy.credentials import make_supernode_keys, make_tls
 from fl_app.deploy.federation import CONNECTION, LocalFederation
 from fl_app.deploy.fleet_gateway import create_app, parse_args
-from fl_app.processes import alive
-from fl_app.runner import PROJECT_ROOT, flwr_env, toml_run_config
+from fl_app.deploy.processes import alive
+from fl_app.deploy.runner import PROJECT_ROOT, flwr_env, toml_run_config
 
 FAST = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "OMP_NUM_THREADS": "1"}
 PRIVATE_FILES = ["ca.key", "server.key", "supernode-0.key", "supernode-1.key",

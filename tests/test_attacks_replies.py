@@ -35,9 +35,11 @@ from train_round_harness import (
 from fl_app.config import compose
 from fl_app.data import partition_train_sizes
 from fl_app.inprocess import InProcessGrid
+from fl_app.privacy.central import DPNoise
 from fl_app.records import to_array_record
 from fl_app.server_loop import bound_client_counts
-from fl_app.strategies import DPNoise, GradientAveraging, WeightedFedAvg, averaging
+from fl_app.strategies import GradientAveraging, WeightedFedAvg
+from fl_app.strategies import aggregation as averaging
 
 ATTACKER = NODES[-1]
 
@@ -247,7 +249,9 @@ def test_simulated_client_counts_for_at_most_the_partition_it_has():
 
 def test_in_flowers_simulation_every_client_counts_for_at_most_the_largest_partition():
     """Flower's engine keeps its node -> partition map: the largest partition bounds all."""
-    class InMemoryGrid(ScriptedGrid):  # what Flower's simulation hands the ServerApp
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid as FlowersGrid
+
+    class InMemoryGrid(ScriptedGrid, FlowersGrid):  # what Flower's simulation hands the server
         pass
 
     cfg = compose(["strategy=fedprox", "num_clients=4"])

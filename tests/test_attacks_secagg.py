@@ -26,7 +26,7 @@ from test_secagg import (
 
 from fl_app import config as fl_config
 from fl_app.config import compose
-from fl_app.privacy import DPSGD
+from fl_app.privacy.client import DPSGD
 from fl_app.records import to_array_record
 from fl_app.secagg import client, server, vectors
 from fl_app.secagg import round as secagg_round

@@ -5,7 +5,7 @@ import pytest
 from flwr.app import Array
 
 from fl_app.records import array_view, to_array
-from fl_app.strategies.averaging import all_finite, axpy, update_and_squared_norm, weighted_sum
+from fl_app.strategies.aggregation import all_finite, axpy, update_and_squared_norm, weighted_sum
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -18,7 +18,7 @@ from fl_app.config import CONF_DIR, compose, overrides_from_run_config
 from fl_app.data import _holdout, client_data, load_dataset, local_data, partition
 from fl_app.inprocess import run
 from fl_app.models import num_parameters
-from fl_app.privacy import LocalDP
+from fl_app.privacy.client import LocalDP
 
 HOSPITALS = ["+experiment=hospitals"]
 
@@ -55,7 +55,7 @@ def test_hospitals_preset_survives_the_default_run_config_of_flwr_run():
     assert (cfg.dataset.name, cfg.model._target_) == ("breast_cancer",
                                                       "fl_app.models.LogisticRegression")
     assert cfg.partitioner._target_.endswith("DirichletPartitioner")
-    assert cfg.strategy._target_ == "fl_app.strategies.DPNoise"
+    assert cfg.strategy._target_ == "fl_app.privacy.central.DPNoise"
 
 
 def test_features_are_z_scored_with_training_split_statistics_only():

@@ -1,7 +1,7 @@
 """Checkpoints written before fl_app/strategies was split resume with today's code.
 
 A checkpoint pickles the strategy object, its classes named by module path (e.g.
-`fl_app.strategies.dp.DPNoise`) and its attributes by name; moving a class or renaming an
+`fl_app.privacy.central.DPNoise`) and its attributes by name; moving a class or renaming an
 attribute would make every run folder users have unresumable. The fixtures under
 `tests/fixtures/checkpoints/` were written by main at 64d7ece (see the README there), two rounds
 each; `expected_state.npz` holds, from that same code, the strategy state each checkpoint
@@ -27,7 +27,7 @@ from fl_app import checkpoint
 from fl_app.cli import _resumed_run
 from fl_app.config import overrides_from_run_config
 from fl_app.inprocess import run
-from fl_app.strategies.accounting import epsilon_spent
+from fl_app.privacy.accounting import epsilon_spent
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 NAMES = ("dp_fedavg_adaptive", "fedadam", "fedavg", "fedsgd_momentum")

@@ -12,9 +12,9 @@ from strategy_helpers import FakeGrid, record, set_task_identity
 from fl_app import client_app, client_core, inprocess
 from fl_app.client_core import build_client
 from fl_app.config import ConfigError, check, compose
-from fl_app.records import CLIENT_ID
-from fl_app.strategies import DPNoise, WeightedFedAvg
-from fl_app.strategies.base import NotEnoughClientsError
+from fl_app.messages import CLIENT_ID
+from fl_app.privacy.central import DPNoise
+from fl_app.strategies import NotEnoughClientsError, WeightedFedAvg
 
 POOL = [11, 12, 13]
 

@@ -44,7 +44,8 @@ def test_every_combination_composes_and_resolves(strategy, model, dataset, parti
     if model not in TOKEN_MODELS:  # the LSTM reads windows of any length: no input_shape
         assert resolved["model"]["input_shape"] == resolved["dataset"]["input_shape"]
     assert cfg.partitioner._target_.startswith("flwr_datasets.partitioner.")
-    assert cfg.strategy._target_.startswith(("fl_app.strategies.", "flwr.serverapp.strategy."))
+    assert cfg.strategy._target_.startswith(("fl_app.strategies.", "fl_app.privacy.central.",
+                                             "flwr.serverapp.strategy."))
 
 
 def test_default_run_is_fedavg_mlp_on_embedded_mnist():

@@ -19,8 +19,8 @@ import torch
 from fl_app.deploy.credentials import make_supernode_keys
 from fl_app.deploy.federation import LocalFederation
 from fl_app.deploy.partitions import export
-from fl_app.processes import alive
-from fl_app.runner import toml_run_config
+from fl_app.deploy.processes import alive
+from fl_app.deploy.runner import toml_run_config
 
 pytestmark = pytest.mark.e2e
 # As scripts/local_federation.py runs it: one torch thread per process (three SuperNodes share

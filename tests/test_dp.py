@@ -15,8 +15,9 @@ from strategy_helpers import (
     unpack,
 )
 
-from fl_app.strategies import DPNoise, GradientAveraging, PrivacyBudgetExhausted, WeightedFedAvg
-from fl_app.strategies.accounting import epsilon_spent, rounds_within_budget
+from fl_app.privacy.accounting import PrivacyBudgetExhausted, epsilon_spent, rounds_within_budget
+from fl_app.privacy.central import DPNoise
+from fl_app.strategies import GradientAveraging, WeightedFedAvg
 
 TINY_SIGMA = 1e-12  # noise this small leaves the hand-computed result intact to ~1e-12
 

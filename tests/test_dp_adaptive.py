@@ -10,13 +10,15 @@ from flwr.app import ConfigRecord
 from strategy_helpers import FakeGrid, record, set_task_identity, train_reply, unpack
 
 from fl_app.config import ConfigError, compose
-from fl_app.strategies import DPNoise, GradientAveraging, WeightedFedAvg
-from fl_app.strategies.accounting import (
+from fl_app.privacy.accounting import (
     combined_noise_multiplier,
     epsilon_spent,
     update_noise_multiplier,
 )
-from fl_app.strategies.adaptive_clipping import QuantileClipNorm
+from fl_app.privacy.adaptive_clipping import QuantileClipNorm
+from fl_app.privacy.central import DPNoise
+from fl_app.privacy.noise import GaussianNoise
+from fl_app.strategies import GradientAveraging, WeightedFedAvg
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +49,7 @@ def test_adaptive_clip_norm_moves_to_the_target_quantile_of_synthetic_norms(
     true_quantile = math.exp(float(np.quantile(np.random.default_rng(9).normal(size=200_000),
                                                target_quantile)))
     clip = QuantileClipNorm(start, target_quantile, learning_rate=0.2, count_stddev=100 / 20,
-                            expected_clients=100, rng=np.random.default_rng(1))
+                            expected_clients=100, noise=GaussianNoise(1))
     data = np.random.default_rng(2)
     trajectory = []
     for _ in range(300):
@@ -69,7 +71,7 @@ def test_adaptive_clip_norm_moves_to_the_target_quantile_of_synthetic_norms(
 
 def test_noised_unclipped_fraction_is_unbiased_with_std_count_noise_over_m() -> None:
     clip = QuantileClipNorm(1.0, 0.5, 0.2, count_stddev=3.0, expected_clients=60,
-                            rng=np.random.default_rng(4))
+                            noise=GaussianNoise(4))
     draws = np.array([clip.noisy_unclipped_fraction(45, 60) for _ in range(20_000)])
     assert draws.mean() == pytest.approx(45 / 60, abs=0.002)
     assert draws.std() == pytest.approx(3.0 / 60, rel=0.03)

@@ -13,9 +13,10 @@ from fl_app import training
 from fl_app.client_core import build_client
 from fl_app.config import ConfigError, compose
 from fl_app.models import MLP
-from fl_app.privacy import DPSGD
-from fl_app.strategies import DPNoise, WeightedFedAvg
-from fl_app.strategies.accounting import epsilon_spent
+from fl_app.privacy.accounting import epsilon_spent
+from fl_app.privacy.central import DPNoise
+from fl_app.privacy.client import DPSGD
+from fl_app.strategies import WeightedFedAvg
 
 
 def dpsgd_client(*overrides: str, **privacy: float):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fl_app.deploy.runner import flwr_run, toml_run_config
 from fl_app.models import MLP
-from fl_app.runner import flwr_run, toml_run_config
 
 pytestmark = pytest.mark.e2e
 SMALL = "num_rounds=3 lr=0.1"

@@ -8,7 +8,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from strategy_helpers import set_task_identity
 
-from fl_app.server_loop import PULL_INTERVAL, PULL_INTERVAL_IN_MEMORY, _pull_interval, exchange
+from fl_app.exchange import PULL_INTERVAL, PULL_INTERVAL_IN_MEMORY, _pull_interval, exchange
 
 
 class SlowGrid(Grid):
@@ -63,17 +63,16 @@ def test_a_silent_node_costs_the_timeout_and_the_others_replies_are_kept() -> No
 
 
 def test_the_simulations_in_memory_grid_is_pulled_far_more_often() -> None:
-    # The interval is picked by the class name of Flower's simulation grid: a Flower upgrade
-    # that renames it must fail here, not silently slow every simulated round down.
+    # The interval is picked by the class of Flower's simulation grid: a Flower upgrade that
+    # moves it must fail here, not silently slow every simulated round down.
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
     assert _pull_interval(InMemoryGrid.__new__(InMemoryGrid)) == PULL_INTERVAL_IN_MEMORY
     assert _pull_interval(SlowGrid()) == PULL_INTERVAL
 
-    class InMemorySlowGrid(SlowGrid):
+    class InMemorySlowGrid(SlowGrid, InMemoryGrid):  # SlowGrid's methods, Flower's class
         pass
 
-    InMemorySlowGrid.__name__ = "InMemoryGrid"
     deployed, in_memory = SlowGrid(silent={2}), InMemorySlowGrid(silent={2})
     for grid in (deployed, in_memory):
         exchange(grid, instructions([1, 2]), timeout=4 * PULL_INTERVAL)

@@ -19,10 +19,10 @@ from flwr.common.constant import ErrorCode, SubStatus
 from strategy_helpers import record, set_task_identity
 
 from fl_app import executor as executor_module
+from fl_app.deploy.executor import Executor, parse_args, share_cores
 from fl_app.deploy.federation import CONNECTION, LocalFederation
-from fl_app.executor import Executor, parse_args, share_cores
-from fl_app.processes import alive, stop
-from fl_app.runner import PROJECT_ROOT, flwr_run, staged_app, toml_run_config
+from fl_app.deploy.processes import alive, stop
+from fl_app.deploy.runner import PROJECT_ROOT, flwr_run, staged_app, toml_run_config
 
 
 @pytest.mark.parametrize("argv, complaint", [
@@ -64,7 +64,7 @@ def test_a_task_of_another_app_version_restarts_the_process_with_that_task(monke
         ex.serve()
     assert ran == ["t1", "t2"]  # the same version runs here; the other one is not run here
     args = restart.value.args[0]
-    assert args[1:3] == ["-m", "fl_app.executor"]
+    assert args[1:3] == ["-m", "fl_app.deploy.executor"]
     assert args[3:] == ["--insecure", "--token", "t3"]  # the old --token is not passed on
 
 

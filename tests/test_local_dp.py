@@ -10,7 +10,7 @@ from strategy_helpers import record, set_task_identity
 from fl_app import client_app, client_core
 from fl_app.client_core import build_client
 from fl_app.config import compose
-from fl_app.privacy import LocalDP
+from fl_app.privacy.client import LocalDP
 
 
 def global_norm(update: dict[str, np.ndarray]) -> float:

@@ -13,7 +13,8 @@ from fl_app.config import (
     compose,
     overrides_from_run_config,
 )
-from fl_app.strategies import DPNoise, GradientAveraging, WeightedFedAvg
+from fl_app.privacy.central import DPNoise
+from fl_app.strategies import GradientAveraging, WeightedFedAvg
 
 
 def test_privacy_group_offers_none_local_and_dpsgd_and_defaults_to_none() -> None:

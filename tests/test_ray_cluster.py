@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_app.processes import alive, pids_with_cmdline, stop
-from fl_app.runner import flwr_env, flwr_run, free_port, local_superlink_env, toml_run_config
+from fl_app.deploy.processes import alive, pids_with_cmdline, stop
+from fl_app.deploy.runner import flwr_env, flwr_run, free_port, local_superlink_env, toml_run_config
 
 pytestmark = pytest.mark.e2e
 

@@ -1,6 +1,6 @@
 """The environment fl-app gives `flwr run` (and so the SuperLink and simulation it starts)."""
 
-from fl_app.runner import RAY_INLINE_BYTES, flwr_env
+from fl_app.deploy.runner import RAY_INLINE_BYTES, flwr_env
 
 
 def test_ray_passes_a_model_sized_message_inline_unless_the_user_chose(monkeypatch):

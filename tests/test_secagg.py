@@ -16,10 +16,11 @@ from strategy_helpers import set_task_identity
 from fl_app import client_core, server_loop
 from fl_app.config import ConfigError, compose, overrides_from_run_config
 from fl_app.inprocess import InProcessGrid
+from fl_app.privacy.central import DPNoise
 from fl_app.records import from_array_record, to_array_record
 from fl_app.secagg import client, server, vectors
 from fl_app.secagg.settings import SecAggError, SecAggSettings, share_plan
-from fl_app.strategies import DPNoise, WeightedFedAvg
+from fl_app.strategies import WeightedFedAvg
 
 S = SecAggSettings()
 

@@ -24,8 +24,8 @@ from fl_app.deploy.credentials import (
     make_tls,
     write_private,
 )
-from fl_app.processes import stop
-from fl_app.runner import RunResult, flwr_env, flwr_run, free_port, run_status
+from fl_app.deploy.processes import stop
+from fl_app.deploy.runner import RunResult, flwr_env, flwr_run, free_port, run_status
 
 CONNECTION = "fl-app-local"
 # Stopped in this order: what depends on a process goes before it.

@@ -24,13 +24,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 
+from fl_app.exchange import exchange
+from fl_app.messages import CLIENT_EPSILONS
+from fl_app.privacy.central import DPNoise
 from fl_app.records import from_array_record, to_array_record
 from fl_app.secagg.client import DP_CLIPPED
 from fl_app.secagg.server import SecureSum, secure_sum
 from fl_app.secagg.settings import SecAggSettings, can_aggregate
-from fl_app.server_loop import exchange
-from fl_app.strategies import DPNoise
-from fl_app.strategies.metrics import CLIENT_EPSILONS
 
 
 def secure_train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,

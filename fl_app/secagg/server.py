@@ -30,6 +30,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
+from fl_app.exchange import payload_bytes
 from fl_app.secagg import replies, vectors
 from fl_app.secagg.client import (
     REQUEST,
@@ -40,7 +41,6 @@ from fl_app.secagg.client import (
     settings_record,
 )
 from fl_app.secagg.settings import SecAggError, SecAggSettings, share_plan
-from fl_app.server_loop import payload_bytes
 
 MESSAGE_TYPE = "train.secagg"  # the ClientApp's @app.train("secagg") handler
 

@@ -1,7 +1,8 @@
 """The `secagg` config group: its settings, the checks a run is refused on, and each round's
 share plan (how many shares, how many needed to rebuild a secret).
 
-No Flower or torch imports: `fl_app.config` checks these at compose time.
+No torch imports: `fl_app.config` checks these at compose time, and a strategy's own features
+(fl_app.strategies.features) say whether secure aggregation can serve it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from fl_app.strategies import features
 
 NAMES = ("none", "secaggplus")
 
@@ -24,24 +27,6 @@ MIN_RING_SHARES = 5
 MIN_COLLUDERS = 1
 # Compose time warns when Poisson sampling skips more rounds than this (see skip_chance).
 SKIP_WARNING = 0.01
-
-# Strategies whose update is a (weighted) mean of the replies: the mean of the secure sum is all
-# they need. Anything else is refused, with the reason when it is known.
-AVERAGING = {
-    "fl_app.strategies.WeightedFedAvg", "fl_app.strategies.GradientAveraging",
-    "fl_app.strategies.DPNoise", "flwr.serverapp.strategy.FedAvg",
-    "flwr.serverapp.strategy.FedProx", "flwr.serverapp.strategy.FedAdam",
-    "flwr.serverapp.strategy.FedYogi", "flwr.serverapp.strategy.FedAdagrad",
-    "flwr.serverapp.strategy.FedAvgM",
-}
-NEEDS_INDIVIDUAL_UPDATES = {
-    "FedMedian": "the coordinate-wise median needs every client's values",
-    "FedTrimmedAvg": "the trimmed mean sorts every client's values",
-    "Krum": "Krum scores each client's update by its distances to the others",
-    "MultiKrum": "Krum scores each client's update by its distances to the others",
-    "Bulyan": "Bulyan selects and trims individual updates",
-}
-
 
 class SecAggError(RuntimeError):
     """Secure aggregation cannot complete a round (too few clients left, or bad protocol data);
@@ -171,15 +156,14 @@ def config_problem(cfg: Mapping) -> str | None:
     if name == "none":
         return None
     strategy = cfg["strategy"]
-    target = str(strategy["_target_"])
-    short = target.rsplit(".", 1)[-1]
-    if target not in AVERAGING:
-        why = NEEDS_INDIVIDUAL_UPDATES.get(
-            short, "it does not aggregate by a (weighted) mean of the replies")
+    short = str(strategy["_target_"]).rsplit(".", 1)[-1]
+    supports = features.of_config(strategy)
+    if (why := supports["needs_each_update"]) is not None:
         return (f"secagg=secaggplus cannot run with strategy {short}: {why}, and secure "
                 "aggregation reveals only the sum. Use fedavg, fedsgd, fedprox, fedadam, "
                 "fedyogi, dp_fedavg or dp_fedsgd, or secagg=none.")
-    if short == "DPNoise" and strategy.get("clipping", "fixed") != "fixed":
+    central_dp = supports["central_dp"]
+    if central_dp and strategy.get("clipping", "fixed") != "fixed":
         return ("secagg=secaggplus cannot run with adaptive clipping (dp_fedavg_adaptive): it "
                 "counts on the server the updates whose norm is below C, which needs each "
                 "update's norm, and secure aggregation reveals only the sum. Use "
@@ -191,7 +175,7 @@ def config_problem(cfg: Mapping) -> str | None:
     settings = SecAggSettings.from_config(section)
     if problem := settings_problem(settings):
         return problem
-    if short == "DPNoise" and settings.clipping_range < float(strategy["clip_norm"]):
+    if central_dp and settings.clipping_range < float(strategy["clip_norm"]):
         return (f"secagg.clipping_range={settings.clipping_range} is below strategy.clip_norm="
                 f"{strategy['clip_norm']}: a clipped update's coordinates reach clip_norm, "
                 "so raise clipping_range to at least clip_norm.")
@@ -207,7 +191,7 @@ def expected_cohort(cfg: Mapping) -> int:
     """The clients a round samples: Flower's and fl_app's fraction rule, or for central DP's
     Poisson sampling the expected q·N (rounds then vary around it)."""
     n, fraction = int(cfg["num_clients"]), float(cfg["fraction_train"])
-    if str(cfg["strategy"]["_target_"]).endswith("DPNoise"):
+    if features.of_config(cfg["strategy"])["central_dp"]:
         return max(round(n * fraction), 1)
     return min(n, max(int(n * fraction), int(cfg["min_clients"])))
 
@@ -235,7 +219,7 @@ def config_warning(cfg: Mapping) -> str | None:
     section = cfg.get("secagg") or {}
     strategy = cfg["strategy"]
     if (section.get("name", "none") == "none" or not cfg.get("num_clients")
-            or not str(strategy["_target_"]).endswith("DPNoise")):
+            or not features.of_config(strategy)["central_dp"]):
         return None
     n, q = int(cfg["num_clients"]), float(cfg["fraction_train"])
     chance = skip_chance(SecAggSettings.from_config(section), n, q)

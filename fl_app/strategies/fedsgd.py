@@ -1,21 +1,21 @@
 """FedSGD / gradient averaging: clients send gradients, the server takes the (momentum) SGD step."""
 
+from collections.abc import Mapping
 from logging import INFO
 
 import numpy as np
 from flwr.common.logger import log
 
-from fl_app.strategies.averaging import axpy
+from fl_app.messages import BATCH_SIZE, GRADIENT
+from fl_app.strategies.aggregation import axpy
 from fl_app.strategies.base import SampledStrategy
-
-_VELOCITY = "velocity."
 
 
 class GradientAveraging(SampledStrategy):
     """Server-side SGD on the average of the clients' gradients.
 
     Each sampled client replies with the gradient of its loss at the current global model
-    (`mode = "gradient"`), over its whole local set or one batch of `batch_size`. The server
+    (`mode = GRADIENT`), over its whole local set or one batch of `batch_size`. The server
     averages them (weighted by num-examples, which for
     full-batch gradients of mean losses gives the gradient over the union of the data, or
     uniformly 1/C) and steps
@@ -25,7 +25,7 @@ class GradientAveraging(SampledStrategy):
     The velocity v is strategy state: `state_dict()` returns it for checkpoints.
     """
 
-    mode = "gradient"
+    mode = GRADIENT
 
     def __init__(
         self,
@@ -52,7 +52,7 @@ class GradientAveraging(SampledStrategy):
 
     def client_config(self) -> dict[str, int]:
         """The clients' gradient batch: 0 means the whole local set (∇ of 1/N Σ L)."""
-        return {"batch-size": self.batch_size or 0}
+        return {BATCH_SIZE: self.batch_size or 0}
 
     def update_offset(self) -> None:
         """None: the reply itself is the client's gradient (what DP-FedSGD clips)."""
@@ -83,18 +83,16 @@ class GradientAveraging(SampledStrategy):
             axpy(weights, -self.server_lr, step[key])
         return self.commit(current)
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """The momentum velocity, as flat `velocity.<array name>` entries."""
-        if self.velocity is None:
-            return {}
-        return {_VELOCITY + k: v.copy() for k, v in self.velocity.items()}
+    def state_dict(self) -> dict:
+        """The base's state and the momentum velocity (None before the first momentum step)."""
+        velocity = self.velocity and {k: v.copy() for k, v in self.velocity.items()}
+        return {**super().state_dict(), "velocity": velocity}
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore the velocity saved by `state_dict` (absent: start from zero velocity)."""
-        velocity = {
-            k[len(_VELOCITY):]: np.array(v) for k, v in state.items() if k.startswith(_VELOCITY)
-        }
-        self.velocity = velocity or None
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore what `state_dict` returned."""
+        super().load_state_dict(state)
+        velocity = state.get("velocity")
+        self.velocity = None if velocity is None else {k: np.array(v) for k, v in velocity.items()}
 
     def summary(self) -> None:
         """Log the configuration, including the server optimizer."""

@@ -7,13 +7,15 @@ that says why, so the strategy drops that reply and the round goes on.
 
 import math
 from collections.abc import Mapping
+from logging import WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
 
+from fl_app.messages import ARRAYS, METRICS, NUM_EXAMPLES
 from fl_app.records import array_view
-from fl_app.strategies.averaging import all_finite
-from fl_app.strategies.metrics import NUM_EXAMPLES, positive_count
+from fl_app.strategies.aggregation import all_finite, positive_count
 
 # The dtype kinds a reply's arrays may have: signed and unsigned integers, floats (real numbers:
 # no bool, complex, datetime or object).
@@ -38,10 +40,10 @@ def check_reply(msg: Message, reference: dict[str, np.ndarray], check_values: bo
         raise BadReply(f"error reply: {msg.error.reason}")
     if not msg.has_content():
         raise BadReply("reply has no content")
-    record = msg.content.get("arrays")
+    record = msg.content.get(ARRAYS)
     if not isinstance(record, ArrayRecord):
         raise BadReply("no 'arrays' ArrayRecord")
-    metrics = msg.content.get("metrics")
+    metrics = msg.content.get(METRICS)
     if not isinstance(metrics, MetricRecord):
         raise BadReply("no 'metrics' MetricRecord")
     if NUM_EXAMPLES not in metrics:
@@ -103,3 +105,36 @@ def _same_dtype(sent: np.dtype, model: np.dtype) -> bool:
 def non_finite_array(arrays: dict[str, np.ndarray]) -> str | None:
     """The name of the first array holding NaN or Inf; None if all values are finite."""
     return next((key for key, array in arrays.items() if not all_finite(array)), None)
+
+
+class ExampleCap:
+    """Clamps claimed example counts; no limit set means the claims are trusted as they are."""
+
+    def __init__(self, max_examples_per_client: float | None = None) -> None:
+        value = max_examples_per_client
+        if value is not None and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and value >= 1):
+            raise ValueError(
+                f"max_examples_per_client must be null (trust each client's num-examples) or a "
+                f"number >= 1, got {value!r}: set it to the most examples one client may have.")
+        self.limit = None if value is None else float(value)
+        # Node id -> examples that node really has, where the server knows it.
+        self.per_node: dict[int, int] = {}
+
+    def know_sizes(self, per_node: Mapping[int, int], largest: int | None) -> None:
+        """Bound every client by `largest` (the largest any client can have) and each node in
+        `per_node` by its own size, on top of `max_examples_per_client`."""
+        if largest is not None:
+            self.limit = float(largest) if self.limit is None else min(self.limit, largest)
+        self.per_node = {int(k): int(v) for k, v in per_node.items()}
+
+    def bound(self, server_round: int, node_id: int, claimed: float) -> float:
+        """`claimed` clamped to what node `node_id` may have; a clamped claim is logged."""
+        limits = [x for x in (self.limit, self.per_node.get(node_id)) if x is not None]
+        counted = float(min([claimed, *limits]))
+        if counted < claimed:
+            log(WARNING, "Round %s: node %s claims %g examples; counted as %g "
+                "(max_examples_per_client, or the partition it has).", server_round, node_id,
+                claimed, counted)
+        return counted

@@ -1,8 +1,5 @@
 """Who takes part in a round: seeded sampling of the connected nodes, or of a client pool's
-population, after a bounded wait for enough nodes.
-
-`ClientSampling` is a part of `SampledStrategy` (base.py); it reads the strategy's fractions,
-minimum node counts, `seed` and `node_wait_timeout`.
+population, after a bounded wait for enough nodes; and the Poisson sampling DP accounts for.
 """
 
 import time
@@ -21,13 +18,17 @@ class NotEnoughClientsError(RuntimeError):
     """Fewer nodes connected than the strategy needs, after waiting `node_wait_timeout`."""
 
 
-class ClientSampling:
-    """Seeded sampling from the connected nodes or, with `use_client_pool`, a population."""
+class NodeSampler:
+    """Seeded sampling from the connected nodes or, after `use_client_pool`, from a population
+    of clients served by the connected nodes (a pool)."""
 
-    # With a client pool (`use_client_pool`): the population size, and the nodes serving it.
-    # Class-level too, so a strategy pickled in a checkpoint before pools existed resumes.
-    population: int | None = None
-    _pool: tuple[int, ...] = ()
+    def __init__(self, seed: int, node_wait_timeout: float, min_available_nodes: int) -> None:
+        self.seed = int(seed)
+        self.node_wait_timeout = float(node_wait_timeout)
+        self.min_available_nodes = int(min_available_nodes)
+        # With a client pool: the population size, and the nodes serving it.
+        self.population: int | None = None
+        self.pool: tuple[int, ...] = ()
 
     def wait_for_nodes(self, grid: Grid, required: int) -> list[int]:
         """Return the sorted connected node ids once at least `required` are connected.
@@ -46,10 +47,9 @@ class ClientSampling:
                 raise NotEnoughClientsError(
                     f"Only {len(node_ids)} node(s) connected after waiting "
                     f"{self.node_wait_timeout:g} s, but this strategy requires {required} "
-                    f"(min_available_nodes={self.min_available_nodes}, "
-                    f"min_train_nodes={self.min_train_nodes}). Start more SuperNodes, raise "
-                    "num-supernodes in the federation config (simulation), or lower "
-                    "min_clients in the strategy config."
+                    f"(min_available_nodes={self.min_available_nodes}, or the round's "
+                    "min_train_nodes). Start more SuperNodes, raise num-supernodes in the "
+                    "federation config (simulation), or lower min_clients in the strategy config."
                 )
             if not logged:
                 log(INFO, "Waiting for nodes: %d connected, %d required (up to %.0f s).",
@@ -76,7 +76,7 @@ class ClientSampling:
                 f"The population has {self.population} clients, but this strategy requires "
                 f"{required} (min_train_nodes / min_evaluate_nodes / min_available_nodes): "
                 "raise num_clients or lower min_clients.")
-        self._pool = tuple(node_ids)
+        self.pool = tuple(node_ids)
         return list(range(self.population))
 
     def targets(self, chosen: list[int]) -> list[tuple[int, int | None]]:
@@ -84,14 +84,13 @@ class ClientSampling:
         the clients dealt round-robin onto the pool's nodes (a node serves its share in turn)."""
         if self.population is None:
             return [(node_id, None) for node_id in chosen]
-        if chosen and not self._pool:
+        if chosen and not self.pool:
             raise RuntimeError("No pool nodes known yet: call candidates() first.")
-        return [(self._pool[i % len(self._pool)], client_id)
+        return [(self.pool[i % len(self.pool)], client_id)
                 for i, client_id in enumerate(chosen)]
 
-    def sample_nodes(
-        self, grid: Grid, server_round: int, fraction: float, min_nodes: int, stream: int = 0
-    ) -> list[int]:
+    def sample(self, grid: Grid, server_round: int, fraction: float, min_nodes: int,
+               stream: int = TRAIN_STREAM) -> list[int]:
         """Sample max(int(n * fraction), min_nodes) of the n candidates, capped at n: the
         connected nodes, or with a client pool the population's clients.
 
@@ -106,17 +105,6 @@ class ClientSampling:
         rng = np.random.default_rng(entropy)
         chosen = rng.choice(len(candidates), size=size, replace=False)
         return sorted(candidates[i] for i in chosen)
-
-    def sample_round(self, grid: Grid, server_round: int, stream: int) -> list[int] | None:
-        """The round's training (TRAIN_STREAM) or evaluation (EVALUATE_STREAM) sample, by
-        that stage's fraction and minimum; None when the stage is off (its fraction is 0)."""
-        if stream == TRAIN_STREAM:
-            fraction, min_nodes = self.fraction_train, self.min_train_nodes
-        else:
-            fraction, min_nodes = self.fraction_evaluate, self.min_evaluate_nodes
-        if fraction == 0.0:
-            return None
-        return self.sample_nodes(grid, server_round, fraction, min_nodes, stream)
 
 
 def poisson_sample(candidates: list[int], rate: float, seed: int, server_round: int) -> list[int]:

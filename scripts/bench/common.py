@@ -16,8 +16,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fl_app.processes import descendants, pids_with_cmdline, stop
-from fl_app.runner import flwr_env, free_port, local_superlink_env, run_status, toml_run_config
+from fl_app.deploy.processes import descendants, pids_with_cmdline, stop
+from fl_app.deploy.runner import (
+    flwr_env,
+    free_port,
+    local_superlink_env,
+    run_status,
+    toml_run_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOK = Path(__file__).resolve().parent / "hook"  # sitecustomize.py: the stamps

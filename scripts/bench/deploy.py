@@ -46,7 +46,7 @@ from bench.common import (
     verdict,
 )
 from fl_app.deploy.federation import LocalFederation
-from fl_app.runner import toml_run_config
+from fl_app.deploy.runner import toml_run_config
 
 TARGET_RATIO, TARGET_FLOOR = 2.0, 5.0
 NAMES = {"cnn": "CNN", "mlp": "2NN"}

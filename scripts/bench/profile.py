@@ -185,7 +185,7 @@ def startup_components() -> dict:
     try:
         out |= python_child(RAY_INIT, env={"RAY_TMPDIR": ray_tmp})
     finally:
-        from fl_app.processes import pids_with_cmdline, stop
+        from fl_app.deploy.processes import pids_with_cmdline, stop
         stop(pids_with_cmdline(ray_tmp))
         shutil.rmtree(ray_tmp, ignore_errors=True)
     return out

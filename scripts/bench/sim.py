@@ -35,7 +35,7 @@ from bench.common import (
     stamp_env,
     verdict,
 )
-from fl_app.runner import free_port
+from fl_app.deploy.runner import free_port
 
 NUM_CLIENTS = 20
 TARGET_RATIO = 1.1

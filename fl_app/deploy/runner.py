@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fl_app.run_files import write_private
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

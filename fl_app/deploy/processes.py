@@ -46,9 +46,10 @@ def _command_lines() -> list[tuple[int, list[str]]]:
 
 
 def executors() -> list[int]:
-    """This machine's fl-app-executor processes (fl_app.executor)."""
+    """This machine's fl-app-executor processes (fl_app.deploy.executor)."""
     return [pid for pid, args in _command_lines()
-            if "fl_app.executor" in args or any(a.endswith("/fl-app-executor") for a in args[:2])]
+            if "fl_app.deploy.executor" in args
+            or any(a.endswith("/fl-app-executor") for a in args[:2])]
 
 
 def alive(pid: int) -> bool:

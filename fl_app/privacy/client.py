@@ -89,7 +89,7 @@ class LocalDP:
         """
         # Imported here: a deployed ClientApp process starts afresh per message, and the
         # accountant (dp_accounting, the strategies package) costs it about a second.
-        from fl_app.strategies.accounting import epsilon_spent
+        from fl_app.privacy.accounting import epsilon_spent
 
         return epsilon_spent(self.noise_multiplier / 2, 1.0, self.releases, self.delta)
 

@@ -29,31 +29,28 @@ from flwr.common.logger import log
 from flwr.serverapp.grid import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_app.strategies.accounting import (
-    PrivacyBudgetExhausted,
+from fl_app.messages import DELTA
+from fl_app.privacy.accounting import (
     check_budget,
     epsilon_spent,
     update_noise_multiplier,
 )
-from fl_app.strategies.adaptive_clipping import QuantileClipNorm
+from fl_app.privacy.adaptive_clipping import QuantileClipNorm
+from fl_app.privacy.clipping import CLIPPING_MODES, add_clipped_updates
+from fl_app.privacy.noise import GaussianNoise
+from fl_app.privacy.settings import checked_settings
+from fl_app.strategies.aggregation import MetricAverager, axpy
 from fl_app.strategies.base import SampledStrategy
-from fl_app.strategies.dp_clipping import CLIPPING_MODES, add_clipped_updates, clip_scale
-from fl_app.strategies.dp_secure_sum import SecureSumRelease
-from fl_app.strategies.dp_settings import checked_settings
-from fl_app.strategies.metrics import MetricAverager
 from fl_app.strategies.sampling import poisson_sample
 
-# PrivacyBudgetExhausted, clip_scale, CLIPPING_MODES: importable from here, where they were
-# defined before the split.
-__all__ = ["CLIPPING_MODES", "DPNoise", "PrivacyBudgetExhausted", "clip_scale"]
 
-_ROUNDS_DONE = "dp.rounds-done"
-_CLIP_NORM = "dp.clip-norm"
-_INNER = "inner."
-
-
-class DPNoise(SecureSumRelease, Strategy):
+class DPNoise(Strategy):
     """User-level central DP with fixed or adaptive clipping and Poisson sampling.
+
+    Its features (fl_app.strategies.features): clients reply as its inner strategy asks
+    (`mode` below is that of a FedAvg inner one, in deltas); the noised mean of the clipped
+    updates is all it uses, so secure aggregation can serve it (with fixed clipping); it
+    samples clients itself.
 
     Parameters
     ----------
@@ -69,13 +66,18 @@ class DPNoise(SecureSumRelease, Strategy):
         round that would exceed it.
     noise_seed : seed of the noise RNG. Leave it None (OS entropy) for real privacy: a known
         seed lets anyone regenerate and subtract the noise. Set it only for tests. Neither it
-        nor the generator is pickled into a checkpoint (dp_noise.py).
+        nor the generator is in a checkpoint (noise.py).
     clipping : "fixed" (C stays clip_norm) or "adaptive" (Andrew et al. 2019).
     target_quantile, clip_lr : adaptive only: gamma, the fraction of updates to leave
         unclipped, and eta, the step of the geometric update C <- C exp(-eta (b~ - gamma)).
     clipped_count_stddev : adaptive only: sigma_b, the noise std on the count of unclipped
         clients; default max(m / 20, sigma) with m = q * num_clients (Andrew et al.: m / 20).
     """
+
+    mode = DELTA
+    needs_each_update = None
+    client_pool = True
+    central_dp = True
 
     def __init__(
         self,
@@ -105,7 +107,10 @@ class DPNoise(SecureSumRelease, Strategy):
         self.sample_rate = float(strategy.fraction_train)
         self.rounds_done = 0
         self.epsilon = 0.0
-        self._next_start = None  # see PresampledNoise
+        # (round, C, global model's id, step a, buffer) of the next release, drawn while the
+        # clients train (presample_noise).
+        self._next_start: tuple[int, float, int, float | None, dict[str, np.ndarray]] | None = None
+        self.noise = GaussianNoise(noise_seed)  # never checkpointed (noise.py)
         if clipping not in CLIPPING_MODES:
             raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}.")
         self.clipping = clipping
@@ -117,10 +122,9 @@ class DPNoise(SecureSumRelease, Strategy):
                 clipped_count_stddev = max(self.expected_clients / 20, self.noise_multiplier)
             self.adaptive_clip = QuantileClipNorm(
                 self.clip_norm, target_quantile, clip_lr, clipped_count_stddev,
-                self.expected_clients, np.random.default_rng())
+                self.expected_clients, self.noise)
             self.update_noise_multiplier = update_noise_multiplier(
                 self.noise_multiplier, clipped_count_stddev)
-        self.seed_noise(noise_seed)  # the generator: dp_noise.py, never checkpointed
 
     def use_client_pool(self, population: int) -> None:
         """Sample from `population` clients served by a pool of nodes (see SampledStrategy)."""
@@ -166,7 +170,7 @@ class DPNoise(SecureSumRelease, Strategy):
         log(INFO, "configure_train (DP): Poisson-sampled %d of %d clients (q = %g)",
             len(chosen), len(candidates), self.sample_rate)
         messages = self.inner.build_train_messages(server_round, arrays, config, chosen)
-        self.presample_noise(server_round)  # while the clients train (dp_noise.py)
+        self.presample_noise(server_round)  # while the clients train (below)
         return messages
 
     def aggregate_train(
@@ -239,18 +243,106 @@ class DPNoise(SecureSumRelease, Strategy):
                 "clipped_count_stddev=%g, update noise multiplier=%g", clip.target_quantile,
                 clip.learning_rate, clip.count_stddev, self.update_noise_multiplier)
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Rounds already released (epsilon follows from them) plus the inner strategy's state."""
-        state = {_ROUNDS_DONE: np.asarray(self.rounds_done), _CLIP_NORM: np.asarray(self.clip_norm)}
-        state.update({_INNER + k: v for k, v in self.inner.state_dict().items()})
-        return state
+    def seed_noise(self, noise_seed: int | None) -> None:
+        """Draw the noise afresh: from OS entropy (None), or for tests from (noise_seed, round).
+        A strategy restored from a checkpoint is given its config's noise_seed again."""
+        self.noise.reseed(noise_seed)
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore `state_dict` output; epsilon is recomputed from the rounds done."""
-        self.rounds_done = int(state[_ROUNDS_DONE])
-        if _CLIP_NORM in state and self.adaptive_clip is not None:
-            self.clip_norm = self.adaptive_clip.value = float(state[_CLIP_NORM])
+    def state_dict(self) -> dict:
+        """Rounds already released (epsilon follows from them), the clip norm (adaptive
+        clipping moves it) and the inner strategy's state. Never the noise generator."""
+        return {"rounds_done": self.rounds_done, "clip_norm": self.clip_norm,
+                "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore what `state_dict` returned; epsilon is recomputed from the rounds done."""
+        self.rounds_done = int(state["rounds_done"])
+        self.clip_norm = float(state["clip_norm"])
+        if self.adaptive_clip is not None:
+            self.adaptive_clip.value = self.clip_norm
         self.epsilon = self._epsilon_after(self.rounds_done)
-        self.inner.load_state_dict(
-            {k[len(_INNER):]: v for k, v in state.items() if k.startswith(_INNER)}
-        )
+        self.inner.load_state_dict(state["inner"])
+
+    # ----------------------------------------------------------------------------------------
+    # The noise, drawn while the clients train: drawing N(0, sigma² C²) for every parameter
+    # takes as long as averaging ~20 CNN replies, and the server is idle until the replies
+    # come. Same generator, same order: the released model is what drawing it later gives.
+    # ----------------------------------------------------------------------------------------
+
+    def _sum_start(self, clip: float) -> tuple[float | None, dict[str, np.ndarray]]:
+        """(a, the buffer the round's sum starts from): W + a·noise/m when the inner
+        strategy's step is W + a·u, so the sum is the new model and applying it costs no pass
+        after the replies; (None, noise/m) otherwise. Adding the updates to W rather than to a
+        sum of their own rounds each to W's float32 spacing (~4e-9 for weights near 0.05), far
+        below the noise's std."""
+        noise = self.noise.like(self.inner.current, self.update_noise_multiplier * clip,
+                                self.expected_clients)
+        step = self.inner.update_step()
+        if step is not None:
+            for key, weights in self.inner.current.items():
+                noise[key] *= step
+                noise[key] += weights
+        return step, noise
+
+    def presample_noise(self, server_round: int) -> None:
+        """Draw the noise of `server_round`'s release now, at this round's C."""
+        self.noise.start_round(server_round)
+        self._next_start = (server_round, self.clip_norm, id(self.inner.current),
+                            *self._sum_start(self.clip_norm))
+
+    def _take_sum_start(self, server_round: int,
+                        clip: float) -> tuple[float | None, dict[str, np.ndarray]]:
+        pending, self._next_start = self._next_start, None
+        if pending is not None and pending[:3] == (server_round, clip, id(self.inner.current)):
+            return pending[3], pending[4]
+        self.noise.start_round(server_round)  # aggregate_train called without configure_train
+        return self._sum_start(clip)
+
+    # ----------------------------------------------------------------------------------------
+    # The release from a secure sum (secagg=secaggplus, fl_app.secagg): the server holds only
+    # the sum of the clients' updates, each clipped by its client.
+    # ----------------------------------------------------------------------------------------
+
+    def release_secure_sum(self, server_round: int, clipped_sum: dict[str, np.ndarray] | None,
+                           num_clients: int, num_examples: int, num_clipped: int,
+                           client_metrics: MetricRecord) -> tuple[ArrayRecord, MetricRecord]:
+        """`aggregate_train` for secure aggregation (fl_app.secagg): the clients clipped their
+        own updates to clip_norm and the server holds only their sum (None: nobody sampled),
+        and the clients' mean metrics. The same N(0, sigma^2 C^2) noise, denominator q*N and
+        accounting are applied to it."""
+        if self.adaptive_clip is not None:
+            raise ValueError("Adaptive clipping needs each update's norm, which secure "
+                             "aggregation hides: use clipping=fixed.")
+        step, total = self._take_sum_start(server_round, self.clip_norm)
+        weight = (1.0 if step is None else step) / self.expected_clients
+        for key, acc in total.items():
+            if clipped_sum is not None:
+                axpy(acc, weight, clipped_sum[key])
+        new_global = (self.inner.apply_update(total) if step is None
+                      else self.inner.commit(total))
+        self.rounds_done += 1
+        self.epsilon = self._epsilon_after(self.rounds_done)
+        averager = MetricAverager(self.inner.client_epsilon_max)  # client-side DP's worst ε
+        averager.add(num_examples, client_metrics)
+        metrics_out = MetricRecord({
+            **averager.record(), "num-clients": num_clients, "num-clipped": num_clipped,
+            "epsilon": self.epsilon, "delta": self.delta, "clip-norm": self.clip_norm,
+            "noise-multiplier": self.noise_multiplier,
+            "update-noise-multiplier": self.update_noise_multiplier})
+        log(INFO, "DP round %s (secure sum): %d update(s), %d clipped; epsilon = %.4g "
+            "(delta = %g)", server_round, num_clients, num_clipped, self.epsilon, self.delta)
+        return self.inner.to_record(new_global), metrics_out
+
+    def skip_secure_round(self, server_round: int) -> MetricRecord:
+        """A round secure aggregation could not run (too few clients sampled for a safe share
+        plan): nothing is released and the model stays, but the round is counted as if it
+        were (the accountant's epsilon only grows), so the epsilon reported never undercounts
+        a round whose cohort depended on who was sampled."""
+        self._next_start = None  # this round's presampled noise is never used
+        self.rounds_done += 1
+        self.epsilon = self._epsilon_after(self.rounds_done)
+        log(INFO, "DP round %s (secure sum): skipped, nothing released; epsilon = %.4g "
+            "(delta = %g)", server_round, self.epsilon, self.delta)
+        return MetricRecord({"num-clients": 0, "epsilon": self.epsilon, "delta": self.delta,
+                             "clip-norm": self.clip_norm,
+                             "noise-multiplier": self.noise_multiplier})

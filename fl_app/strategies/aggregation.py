@@ -1,5 +1,6 @@
-"""The numeric kernels of server-side aggregation: in-place weighted sums, finiteness checks and
-update norms, each a single pass over a reply's bytes.
+"""Server-side aggregation: the numeric kernels (in-place weighted sums, finiteness checks and
+update norms, each a single pass over a reply's bytes) and the clients' averaged metrics
+(example-weighted running sums: no list of replies is held).
 
 The server's cost is memory traffic: a CNN reply is 6.6 MB and C of them are read per round.
 Everything here reads each reply once where the maths allows it, writes into preallocated
@@ -7,10 +8,15 @@ buffers, and never builds an array the size of C replies.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from logging import WARNING
 
 import numpy as np
+from flwr.app import Message, MetricRecord
+from flwr.common.logger import log
 from scipy.linalg import blas
+
+from fl_app.messages import CLIENT_EPSILONS, METRICS, NUM_EXAMPLES
 
 # y += a * x in one pass (BLAS axpy). Looked up once: get_blas_funcs costs ~10 us a call,
 # 8% of a 1,000-reply CNN round when called per array.
@@ -108,3 +114,74 @@ def update_and_squared_norm(arrays: dict[str, np.ndarray], offset: dict[str, np.
             total += float(np.dot(chunk, chunk))
         update[key] = array if offset is None else scratch[key]
     return update, total
+
+
+def positive_count(value: object) -> bool:
+    """Whether `value` can be a reply's num-examples: a finite number > 0 (no bool, no list)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+class MetricAverager:
+    """Example-weighted running mean of the clients' scalar metrics (no list of replies kept).
+
+    `running_max`, when given, is a dict that outlives the round: the largest value of each
+    `CLIENT_EPSILONS` metric seen so far is kept in it and reported as `<key>_max`.
+    """
+
+    def __init__(self, running_max: dict[str, float] | None = None) -> None:
+        self.running_max = running_max
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.num_clients = 0
+        self.num_examples = 0.0
+        self.total_weight = 0.0  # the replies' weights in the model's mean, summed
+
+    def add(self, num_examples: float, metrics: MetricRecord, weight: float = 1.0) -> None:
+        """Fold one client's scalar metrics in, weighted by its number of examples; `weight` is
+        the client's weight in the model's mean (strategies differ in it)."""
+        self.num_clients += 1
+        self.num_examples += num_examples
+        self.total_weight += weight
+        for key, value in metrics.items():
+            if key == NUM_EXAMPLES or isinstance(value, (bool, list)):
+                continue
+            self.sums[key] = self.sums.get(key, 0.0) + num_examples * float(value)
+            self.weights[key] = self.weights.get(key, 0.0) + num_examples
+            if self.running_max is not None and key in CLIENT_EPSILONS:
+                self.running_max[key] = max(self.running_max.get(key, 0.0), float(value))
+
+    def mean(self, key: str) -> float | None:
+        """The example-weighted mean of metric `key` so far; None when no client reported it."""
+        return self.sums[key] / self.weights[key] if self.weights.get(key) else None
+
+    def record(self) -> MetricRecord:
+        """The averages so far, plus the total num-examples and the num-clients seen."""
+        averages = {key: self.sums[key] / self.weights[key] for key in self.sums}
+        averages |= {f"{key}_max": value for key, value in (self.running_max or {}).items()}
+        total = self.num_examples
+        num_examples = int(total) if total.is_integer() else total
+        return MetricRecord(
+            {**averages, NUM_EXAMPLES: num_examples, "num-clients": self.num_clients}
+        )
+
+
+def average_evaluation(server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    """Example-weighted mean of the clients' evaluation metrics; None if none is usable.
+
+    An error reply, or one without a positive num-examples, is logged and left out."""
+    averager = MetricAverager()
+    for msg in replies:
+        node_id = msg.metadata.src_node_id
+        if msg.has_error():
+            log(WARNING, "Round %s: evaluation error from node %s: %s",
+                server_round, node_id, msg.error.reason)
+            continue
+        metrics = msg.content.get(METRICS) if msg.has_content() else None
+        num_examples = metrics.get(NUM_EXAMPLES) if isinstance(metrics, MetricRecord) else None
+        if not positive_count(num_examples):
+            log(WARNING, "Round %s: dropping evaluation reply from node %s: no positive '%s'",
+                server_round, node_id, NUM_EXAMPLES)
+            continue
+        averager.add(float(num_examples), metrics)
+    return averager.record() if averager.num_clients else None

@@ -10,7 +10,8 @@ Adaptive clipping (Andrew et al. 2019) releases a second noised quantity each ro
 clients whose update norm was <= C. Both are Gaussian mechanisms on the same sampled clients, so
 together they are one Gaussian mechanism whose noise multiplier `combined_noise_multiplier` gives;
 `update_noise_multiplier` inverts that to keep the accounted multiplier at the configured one.
-Local DP (`fl_app.privacy.LocalDP`) reuses `epsilon_spent` with q = 1 for each client's releases.
+Local DP (`fl_app.privacy.client.LocalDP`) reuses `epsilon_spent` with q = 1 for each client's
+releases.
 `check_budget` refuses the round that would take epsilon past a budget (`max_epsilon`).
 """
 

@@ -17,7 +17,7 @@ count sensitivity 1/2, which is what `accounting.combined_noise_multiplier` assu
 
 import math
 
-import numpy as np
+from fl_app.privacy.noise import GaussianNoise
 
 
 class QuantileClipNorm:
@@ -30,7 +30,7 @@ class QuantileClipNorm:
     learning_rate : eta > 0 of the geometric update (Andrew et al. use 0.2).
     count_stddev : sigma_b > 0, the noise std on the count of unclipped clients.
     expected_clients : m = q * N, the fixed denominator of the fraction.
-    rng : the noise source (the DP strategy's OS-entropy generator).
+    noise : the noise source (the DP strategy's generator, noise.py).
     """
 
     def __init__(
@@ -40,7 +40,7 @@ class QuantileClipNorm:
         learning_rate: float,
         count_stddev: float,
         expected_clients: float,
-        rng: np.random.Generator,
+        noise: GaussianNoise,
     ) -> None:
         checks = [
             ("clip_norm", initial, math.isfinite(initial) and initial > 0, "> 0"),
@@ -59,22 +59,12 @@ class QuantileClipNorm:
         self.learning_rate = float(learning_rate)
         self.count_stddev = float(count_stddev)
         self.expected_clients = float(expected_clients)
-        self.rng = rng
-
-    def __getstate__(self) -> dict:
-        # The count's noise generator is secret (dp_noise.py): never pickled.
-        return {k: v for k, v in self.__dict__.items() if k not in ("rng", "_rng")}
-
-    def __setstate__(self, state: dict) -> None:
-        # A checkpoint written before held the generator as `_rng`: dropped. The DP strategy
-        # that owns this rule hands it its own generator (PresampledNoise._use_generator).
-        self.__dict__.update({k: v for k, v in state.items() if k not in ("rng", "_rng")})
-        self.rng = np.random.default_rng()
+        self.noise = noise
 
     def noisy_unclipped_fraction(self, num_unclipped: int, num_reports: int) -> float:
         """b~: the DP estimate of the fraction of clients whose update norm was <= C."""
         centred = num_unclipped - 0.5 * num_reports
-        noisy = centred + self.rng.normal(0.0, self.count_stddev)
+        noisy = centred + self.noise.normal(self.count_stddev)
         return noisy / self.expected_clients + 0.5
 
     def update(self, num_unclipped: int, num_reports: int) -> float:

@@ -9,9 +9,8 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Message
 
-from fl_app.strategies.averaging import update_and_squared_norm
+from fl_app.strategies.aggregation import MetricAverager, update_and_squared_norm
 from fl_app.strategies.base import SampledStrategy
-from fl_app.strategies.metrics import MetricAverager
 
 CLIPPING_MODES = ("fixed", "adaptive")
 

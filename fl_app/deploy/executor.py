@@ -59,7 +59,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from fl_app.processes import executors
+from fl_app.deploy.processes import executors
 
 # An idle executor asks for a task this often: one small local HTTP call (flower-superexec's
 # default is 1 s). 0.05 s measured no slower than 0.25 s, with three executors on 2 cores.
@@ -116,7 +116,7 @@ class Executor:
         args = sys.argv[1:]
         if "--token" in args:
             del args[args.index("--token"):args.index("--token") + 2]
-        os.execv(sys.executable, [sys.executable, "-m", "fl_app.executor", *args,
+        os.execv(sys.executable, [sys.executable, "-m", "fl_app.deploy.executor", *args,
                                   "--token", token])
 
     def run_task(self, token: str) -> None:

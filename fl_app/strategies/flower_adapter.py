@@ -13,9 +13,8 @@ import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from fl_app.strategies.example_cap import ExampleCap
-from fl_app.strategies.metrics import NUM_EXAMPLES
-from fl_app.strategies.replies import BadReply, check_reply
+from fl_app.messages import NUM_EXAMPLES
+from fl_app.strategies.replies import BadReply, ExampleCap, check_reply
 
 
 def usable_replies(rnd: int, replies: list[Message], weights: dict[str, np.ndarray],
