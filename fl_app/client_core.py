@@ -20,7 +20,17 @@ from omegaconf import DictConfig
 from fl_app import device, targets, training
 from fl_app.config import compose, overrides_from_run_config
 from fl_app.data import ClientData, client_data, local_data
-from fl_app.messages import CLIENT_ID
+from fl_app.messages import (
+    ARRAYS,
+    CONFIG,
+    DELTA,
+    GRADIENT,
+    METRICS,
+    NUM_EXAMPLES,
+    NUM_STEPS,
+    TRAIN_LOSS,
+    TrainRequest,
+)
 from fl_app.models import get_weights, is_small_dense, set_weights
 from fl_app.privacy.client import DPSGD, LocalDP
 from fl_app.privacy.client import from_config as client_privacy
@@ -30,13 +40,13 @@ from fl_app.records import array_view, to_array_record
 class TorchClient(NumPyClient):
     """Trains a torch model on one client's data; numpy in, numpy out.
 
-    `fit` runs E local epochs and returns the new weights, or with mode="delta" (DP-FedAvg)
-    their difference from the received weights. With mode="gradient" (FedSGD) it returns the
-    gradient of the local loss at the received weights instead.
-    A "proximal-mu" in the config (Flower's FedProx) adds mu/2·||w − w_received||² to the
-    local loss.
-    `privacy` (fl_app.privacy.client): DP-SGD replaces the local SGD; local DP clips and noises the
-    update before it is returned, and the reply's metrics then hold the client's epsilon
+    `fit` answers a train message as fl_app.messages (the contract) says: it runs E local epochs
+    and returns the new weights, or for a DELTA reply (DP-FedAvg) their difference from the
+    received weights; for a GRADIENT reply (FedSGD) the gradient of the local loss at the
+    received weights instead. A PROXIMAL_MU (Flower's FedProx) adds mu/2·||w − w_received||²
+    to the local loss. The reply's metrics hold the local steps taken (NUM_STEPS).
+    `privacy` (fl_app.privacy.client): DP-SGD replaces the local SGD; local DP clips and noises
+    the update before it is returned, and the reply's metrics then hold the client's epsilon
     instead of its training loss.
     """
 
@@ -56,20 +66,21 @@ class TorchClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         self._load(parameters)
+        request = TrainRequest.from_config(config)
         # A different but reproducible batch order every round.
-        seed = self.seed * 1_000_003 + int(config.get("server-round", 0))
+        seed = self.seed * 1_000_003 + request.server_round
         x, y = self.data.x_train, self.data.y_train
-        mode = config.get("mode", "weights")
-        if mode == "gradient":
+        if request.reply == GRADIENT:
             if isinstance(self.privacy, DPSGD):
                 raise ValueError("privacy=dpsgd trains locally, but the server asks for gradients "
                                  "(FedSGD): use strategy=fedavg or dp_fedavg, or privacy=local.")
             # The server's protocol decides the gradient batch (0: the whole local set).
-            batch = int(config.get("batch-size", self.batch_size or 0)) or None
+            batch = (request.batch_size if request.batch_size is not None
+                     else self.batch_size or 0) or None
             grads, loss, n = training.gradient(self.model, x, y, batch, seed)
             reply = self._private([grads[k].cpu().numpy() for k in self.keys])
-            return reply, n, self._metrics(loss)
-        mu = float(config.get("proximal-mu", 0.0))  # FedProx's proximal term weight
+            return reply, n, self._metrics(loss, steps=1)
+        mu = request.proximal_mu
         if isinstance(self.privacy, DPSGD):
             loss, self.privacy.history = training.train_dpsgd(
                 self.model, x, y, self.local_epochs, self.batch_size, self.lr,
@@ -78,12 +89,14 @@ class TorchClient(NumPyClient):
         else:
             loss = training.train(self.model, x, y, self.local_epochs, self.batch_size, self.lr,
                                   seed, proximal_mu=mu)
+        steps = self.local_epochs * training.steps_per_epoch(len(y), self.batch_size)
         weights = self.get_parameters({})
-        if mode == "delta":  # DP-FedAvg: the server clips the delta
+        if request.reply == DELTA:  # DP-FedAvg: the server clips the delta
             delta = [np.subtract(w, r, dtype=w.dtype) for w, r in zip(weights, parameters,
                                                                       strict=True)]
-            return self._private(delta), len(y), self._metrics(loss)
-        return self._private(weights, received=parameters), len(y), self._metrics(loss)
+            return self._private(delta), len(y), self._metrics(loss, steps)
+        return (self._private(weights, received=parameters), len(y),
+                self._metrics(loss, steps))
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         self._load(parameters)
@@ -105,9 +118,12 @@ class TorchClient(NumPyClient):
         return [(b + noisy[k]).astype(r.dtype) for k, r, b in zip(self.keys, reply, base,
                                                                   strict=True)]
 
-    def _metrics(self, loss: float) -> dict:
-        # With client-side DP the loss on private data is not released: only the epsilon.
-        return {"train_loss": loss} if self.privacy is None else self.privacy.metrics()
+    def _metrics(self, loss: float, steps: int) -> dict:
+        # With client-side DP the loss on private data is not released: only the epsilon. The
+        # step count follows from the config and the example count, which the reply holds.
+        if self.privacy is not None:
+            return {**self.privacy.metrics(), NUM_STEPS: steps}
+        return {TRAIN_LOSS: loss, NUM_STEPS: steps}
 
     def _load(self, parameters: list[np.ndarray]) -> None:
         if len(parameters) != len(self.keys):
@@ -211,16 +227,16 @@ _PRIVACY_STATE = "privacy"
 def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """The reply content to a "train" or "evaluate" message's `content`; the client's privacy
     state is read from and written back to `context.state`."""
-    config = dict(content["config"])
-    client_id = None if config.get(CLIENT_ID) is None else int(config[CLIENT_ID])
+    config = dict(content[CONFIG])
+    client_id = TrainRequest.from_config(config).client_id
     client = _client(context, client_id)
     if client.threads and torch.get_num_threads() != client.threads:
         torch.set_num_threads(client.threads)  # per message: one process may serve two models
-    params = _ndarrays(client, content["arrays"])
+    params = _ndarrays(client, content[ARRAYS])
     if kind == "evaluate":
         loss, num_examples, metrics = client.evaluate(params, config)
-        return RecordDict({"metrics": MetricRecord({**metrics, "loss": loss,
-                                                    "num-examples": num_examples})})
+        return RecordDict({METRICS: MetricRecord({**metrics, "loss": loss,
+                                                  NUM_EXAMPLES: num_examples})})
     if kind != "train":
         raise ValueError(f"Unknown message kind {kind!r}: expected 'train' or 'evaluate'.")
     state_key = _PRIVACY_STATE if client_id is None else f"{_PRIVACY_STATE}.{client_id}"
@@ -229,5 +245,5 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     arrays, num_examples, metrics = client.fit(params, config)
     if client.privacy is not None:
         context.state[state_key] = ConfigRecord(client.privacy.state())
-    return RecordDict({"arrays": to_array_record(dict(zip(client.keys, arrays, strict=True))),
-                       "metrics": MetricRecord({**metrics, "num-examples": num_examples})})
+    return RecordDict({ARRAYS: to_array_record(dict(zip(client.keys, arrays, strict=True))),
+                       METRICS: MetricRecord({**metrics, NUM_EXAMPLES: num_examples})})

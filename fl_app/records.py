@@ -12,10 +12,6 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-# With a client pool (config `client_pool`), the message config key that names the client a
-# SuperNode serves for that message. Here, not with the strategies, for the same reason as above.
-CLIENT_ID = "client-id"
-
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     """Pack named numpy arrays into an ArrayRecord, keeping the names (state_dict keys)."""

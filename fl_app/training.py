@@ -28,6 +28,11 @@ def setup_torch(num_threads: int | None = None) -> None:
         torch.set_num_threads(num_threads)
 
 
+def steps_per_epoch(n: int, batch_size: int | None) -> int:
+    """The optimizer steps one local epoch over `n` examples takes (the batches of `train`)."""
+    return -(-n // batch_size) if batch_size else 1
+
+
 def _batches(n: int, batch_size: int | None, generator: torch.Generator,
              device: torch.device | None = None):
     # The order is drawn on the CPU: the same batches for the same seed on every device.

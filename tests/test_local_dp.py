@@ -70,8 +70,10 @@ def test_local_dp_reply_is_received_plus_noisy_clipped_delta_and_carries_no_loss
     assert noise.std() == pytest.approx(sigma * clip, rel=0.03)  # ~19k coordinates
     assert n == len(noisy.data.y_train)
     assert "train_loss" in clean_metrics and "train_loss" not in metrics
+    # Besides the privacy settings, only the local step count (a function of the example
+    # count the reply carries anyway and of the run's config: FedNova needs it).
     assert set(metrics) == {"local_epsilon", "local_delta", "local_noise_multiplier",
-                            "local_clip_norm"}
+                            "local_clip_norm", "num-steps"}
 
 
 def test_local_dp_in_delta_mode_sends_the_noisy_clipped_delta_itself() -> None:
