@@ -33,6 +33,7 @@ from fl_app.strategies.aggregation import (
     MetricAverager,
     add_all_or_nothing,
     average_evaluation,
+    positive_count,
     weighted_sum,
 )
 from fl_app.strategies.replies import BadReply, ExampleCap, check_reply, non_finite_array
@@ -65,6 +66,8 @@ class SampledStrategy(FedAvg):
     client_pool: bool = True
     # Whether it adds central DP noise (only fl_app.privacy.central.DPNoise does).
     central_dp: bool = False
+    # Reply metrics (fl_app.messages) it reads, each a positive number in every usable reply.
+    required_metrics: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -296,6 +299,10 @@ class SampledStrategy(FedAvg):
         for msg in replies:
             try:
                 arrays, num_examples, metrics = check_reply(msg, reference, check_values, dtypes)
+                for key in self.required_metrics:
+                    if not positive_count(metrics.get(key)):
+                        raise BadReply(f"metric '{key}' must be a positive number for "
+                                       f"{type(self).__name__}, got {metrics.get(key)!r}")
             except BadReply as exc:
                 self.drop(server_round, msg, str(exc))
             except Exception as exc:  # noqa: BLE001 - a malformed reply must not end the run
