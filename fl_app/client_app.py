@@ -15,6 +15,8 @@ from __future__ import annotations
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_app.secagg.protocol import ACTION
+
 app = ClientApp()
 
 
@@ -28,7 +30,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=_run("evaluate", msg.content, context), reply_to=msg)
 
 
-@app.train("secagg")
+@app.train(ACTION)
 def train_secagg(msg: Message, context: Context) -> Message:
     """A stage of secure aggregation (fl_app.secagg): crypto here, training through `_run`."""
     from fl_app.secagg.client import answer

@@ -28,7 +28,7 @@ from fl_app import config as fl_config
 from fl_app.config import compose
 from fl_app.privacy.client import DPSGD
 from fl_app.records import to_array_record
-from fl_app.secagg import client, server, vectors
+from fl_app.secagg import client, protocol, server, vectors
 from fl_app.secagg import round as secagg_round
 from fl_app.secagg.settings import SecAggError, SecAggSettings, share_plan
 
@@ -127,7 +127,7 @@ def _malicious_round(threshold, num_nodes=5, target=0):
     nodes = list(range(num_nodes))
     r = server._Round(1, nodes, S, grid.send_and_receive, None, 60)
     r.shares, r.threshold = num_nodes, threshold
-    setup = r.request("setup", **client.settings_record(S, num_nodes, threshold))
+    setup = r.request("setup", **protocol.settings_record(S, num_nodes, threshold))
     replies = grid.send_and_receive([Message(content=setup, dst_node_id=n,
                                              message_type="train.secagg") for n in nodes])
     if errors := [m.error.reason for m in replies if m.has_error()]:
@@ -168,7 +168,7 @@ def _malicious_round(threshold, num_nodes=5, target=0):
     if not seed_shares or not sk1_shares:
         return true, None
     seed = combine_shares(seed_shares)
-    sk1 = client.key_from_scalar(combine_shares(sk1_shares), keys[target]["pk1"])
+    sk1 = protocol.key_from_scalar(combine_shares(sk1_shares), keys[target]["pk1"])
     vector = masked[target].copy()
     vector -= vectors.prg(seed, len(vector))
     for n in others:
@@ -201,7 +201,7 @@ def test_a_safe_plan_gives_the_splitting_server_garbage():
 @pytest.mark.parametrize("shares,threshold", [(3, 2), (5, 3), (7, 4)])
 def test_clients_refuse_a_small_ring_or_low_threshold_plan(shares, threshold):
     grid = StageGrid(range(9), trainer(fake_clients(9)))
-    request = client.settings_record(S, shares, threshold) | {"stage": "setup", "round": 1}
+    request = protocol.settings_record(S, shares, threshold) | {"stage": "setup", "round": 1}
     with pytest.raises(SecAggError, match=f"threshold of {threshold} of {shares} shares is "
                                           "unsafe"):
         client.answer(RecordDict({"secagg": ConfigRecord(request)}), grid.contexts[0],
@@ -210,7 +210,7 @@ def test_clients_refuse_a_small_ring_or_low_threshold_plan(shares, threshold):
 
 def test_a_client_refuses_more_share_holders_than_the_plan_announced():
     grid = StageGrid(range(7), trainer(fake_clients(7)))
-    setup = client.settings_record(S, 5, 4) | {"stage": "setup", "round": 1}
+    setup = protocol.settings_record(S, 5, 4) | {"stage": "setup", "round": 1}
     keys = {n: client.answer(RecordDict({"secagg": ConfigRecord(setup)}), grid.contexts[n],
                              lambda c: None)["secagg"] for n in range(7)}
     ids = list(range(7))

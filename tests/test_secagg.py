@@ -18,7 +18,7 @@ from fl_app.config import ConfigError, compose, overrides_from_run_config
 from fl_app.inprocess import InProcessGrid
 from fl_app.privacy.central import DPNoise
 from fl_app.records import from_array_record, to_array_record
-from fl_app.secagg import client, server, vectors
+from fl_app.secagg import client, protocol, server, vectors
 from fl_app.secagg.settings import SecAggError, SecAggSettings, share_plan
 from fl_app.strategies import WeightedFedAvg
 
@@ -274,7 +274,7 @@ def _keys_shared(num=3):
     clients = fake_clients(num)
     grid = StageGrid(range(num), trainer(clients))
     r = server._Round(1, list(range(num)), S, grid.send_and_receive, None, 60)
-    setup = r.request("setup", **client.settings_record(S, r.shares, r.threshold))
+    setup = r.request("setup", **protocol.settings_record(S, r.shares, r.threshold))
     keys = {n: m.content["secagg"] for n, m in r.send(dict.fromkeys(range(num), setup),
                                                       "setup").items()}
     ids = list(range(num))

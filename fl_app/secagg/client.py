@@ -26,8 +26,7 @@ from logging import WARNING
 
 import numpy as np
 from cryptography.fernet import InvalidToken
-from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
@@ -48,46 +47,25 @@ from flwr.supercore.primitives.asymmetric import (
 )
 
 from fl_app.secagg import vectors
+from fl_app.secagg.protocol import (
+    COLLECT,
+    DP_CLIPPED,
+    MASKED,
+    PUBLIC_METRICS,
+    REQUEST,
+    SEED_BYTES,
+    SEED_HASH,
+    SETTINGS,
+    SETUP,
+    SHARE_KEYS,
+    UNMASK,
+    config_record,
+)
 from fl_app.secagg.settings import SecAggError, SecAggSettings, plan_problem, settings_problem
 
-REQUEST = "secagg"      # the ConfigRecord every stage message (and reply) carries
-STATE = "secagg"        # the node's Context.state entry
-MASKED = "masked"       # the ArrayRecord of a collect reply
-# A share-keys reply's commitment to the private mask seed b: SHA-256(b). It lets the server
-# tell a b rebuilt from an altered share from the real one (b is 120 random bits: the hash
-# reveals nothing of it).
-SEED_HASH = "seed-hash"
-# The only client metrics sent in the clear: privacy settings every client shares, and local
-# DP's epsilon, a function of those settings and of the rounds the server itself sent the
-# client. All others, DP-SGD's epsilon included (it depends on the client's example count),
-# are in the secure sum. docs/privacy.md lists them as what the server learns per client.
-PUBLIC_METRICS = frozenset({
-    "local_epsilon", "local_delta", "local_noise_multiplier", "local_clip_norm",
-    "dpsgd_delta", "dpsgd_noise_multiplier", "dpsgd_max_grad_norm"})
-# The private mask seed (vectors.prg): 15 random bytes (120 bits) pad to one Shamir block, so
-# sharing it and rebuilding it cost half of what a 16- or 32-byte seed does.
-SEED_BYTES = 15
-# The private scalar of a key on the curve of Flower's generate_key_pairs (P-384): what is
-# Shamir-shared of sk1 (private_scalar).
-SCALAR_BYTES = (ec.SECP384R1.key_size + 7) // 8
-DP_CLIPPED = "secagg-dp-clipped"  # a metric: 1 if central DP's clipping scaled the update
-_SETTINGS = ("num_shares", "reconstruction_threshold", "clipping_range", "quantization_range",
-             "modulus_range", "max_weight")
+STATE = "secagg"  # the node's Context.state entry
 
 Train = Callable[[RecordDict], RecordDict]
-
-
-def config_record(values: dict) -> ConfigRecord:
-    """A ConfigRecord of `values` without its empty lists (Flower cannot size those); readers
-    take a missing list as empty."""
-    return ConfigRecord({k: v for k, v in values.items() if not (isinstance(v, list) and not v)})
-
-
-def settings_record(s: SecAggSettings, shares: int, threshold: int) -> dict:
-    """The settings the setup message carries (this round's k and t resolved)."""
-    return {"num_shares": shares, "reconstruction_threshold": threshold,
-            "clipping_range": float(s.clipping_range), "quantization_range": s.quantization_range,
-            "modulus_range": s.modulus_range, "max_weight": float(s.max_weight)}
 
 
 def answer(content: RecordDict, context: Context, train: Train) -> RecordDict:
@@ -95,14 +73,14 @@ def answer(content: RecordDict, context: Context, train: Train) -> RecordDict:
     content (arrays, config) and is called in the collect stage only."""
     request = dict(content[REQUEST])
     stage, node_id = str(request["stage"]), int(context.node_id)
-    state = {} if stage == "setup" or STATE not in context.state else dict(context.state[STATE])
-    if stage == "setup":
+    state = {} if stage == SETUP or STATE not in context.state else dict(context.state[STATE])
+    if stage == SETUP:
         reply, state = setup(request)
     elif stage in _EXPECTED_BEFORE:
         _check_order(state, request, stage, node_id)
-        if stage == "share-keys":
+        if stage == SHARE_KEYS:
             reply, state = share_keys(state, request, node_id)
-        elif stage == "collect":
+        elif stage == COLLECT:
             return _store(context, *collect(state, request, node_id, content, train))
         else:
             reply, state = unmask(state, request, node_id)
@@ -117,7 +95,7 @@ def _store(context: Context, reply: RecordDict, state: dict) -> RecordDict:
     return reply
 
 
-_EXPECTED_BEFORE = {"share-keys": "setup", "collect": "share-keys", "unmask": "collect"}
+_EXPECTED_BEFORE = {SHARE_KEYS: SETUP, COLLECT: SHARE_KEYS, UNMASK: COLLECT}
 
 
 def _check_order(state: dict, request: dict, stage: str, node_id: int) -> None:
@@ -136,7 +114,7 @@ def _check_plan(request: dict) -> None:
     problem = plan_problem(shares, threshold)
     if problem is None:
         try:
-            settings = SecAggSettings.from_config({k: request[k] for k in _SETTINGS})
+            settings = SecAggSettings.from_config({k: request[k] for k in SETTINGS})
         except KeyError as err:
             problem = f"the setup message lacks {err}"
         else:
@@ -152,8 +130,8 @@ def setup(request: dict) -> tuple[dict, dict]:
     _check_plan(request)
     sk1, pk1 = generate_key_pairs()
     sk2, pk2 = generate_key_pairs()
-    state = {k: request[k] for k in ("round", *_SETTINGS)}
-    state |= {"stage": "setup", "sk1": private_key_to_bytes(sk1), "pk1": public_key_to_bytes(pk1),
+    state = {k: request[k] for k in ("round", *SETTINGS)}
+    state |= {"stage": SETUP, "sk1": private_key_to_bytes(sk1), "pk1": public_key_to_bytes(pk1),
               "sk2": private_key_to_bytes(sk2), "pk2": public_key_to_bytes(pk2)}
     return {"pk1": state["pk1"], "pk2": state["pk2"]}, state
 
@@ -192,7 +170,7 @@ def share_keys(state: dict, request: dict, node_id: int) -> tuple[dict, dict]:
         dsts.append(nid)
         ciphertexts.append(encrypt(key, share_keys_plaintext_concat(
             node_id, nid, seed_share, sk1_share)))
-    state |= {"stage": "share-keys", "seed": seed, "node-ids": ids, "pk1s": pk1s,
+    state |= {"stage": SHARE_KEYS, "seed": seed, "node-ids": ids, "pk1s": pk1s,
               "channel-ids": dsts, "channel-keys": channel_keys}
     return {"dsts": dsts, "ciphertexts": ciphertexts,
             SEED_HASH: hashlib.sha256(seed).digest()}, state
@@ -273,7 +251,7 @@ def collect(state: dict, request: dict, node_id: int, content: RecordDict,
     del vector, update
     state = {k: v for k, v in state.items()
              if k not in ("seed", "sk2", "channel-ids", "channel-keys")}
-    state |= {"stage": "collect", "holders": [node_id, *srcs],
+    state |= {"stage": COLLECT, "holders": [node_id, *srcs],
               "seed-shares": [state.pop("own-seed-share"), *seed_shares],
               "sk1-shares": [state.pop("own-sk1-share"), *sk1_shares]}
     out = RecordDict({MASKED: ArrayRecord({"vector": Array(masked)}),
@@ -305,16 +283,6 @@ def private_scalar(private_key: bytes) -> bytes:
     return key.private_numbers().private_value.to_bytes((key.curve.key_size + 7) // 8, "big")
 
 
-def key_from_scalar(scalar: bytes, public_key: bytes) -> ec.EllipticCurvePrivateKey:
-    """The private key of `scalar` on the curve of `public_key`; ValueError if it is not the
-    private half of `public_key` (a share was altered)."""
-    curve = bytes_to_public_key(public_key).curve
-    key = ec.derive_private_key(int.from_bytes(scalar, "big"), curve)
-    if public_key_to_bytes(key.public_key()) != public_key:
-        raise ValueError("the rebuilt key does not match its public key")
-    return key
-
-
 def unmask(state: dict, request: dict, node_id: int) -> tuple[dict, dict]:
     """Shares of b for the survivors, of sk1 for the dropped; then forget the round."""
     active = [int(i) for i in request.get("active", [])]
@@ -333,5 +301,5 @@ def unmask(state: dict, request: dict, node_id: int) -> tuple[dict, dict]:
     seed_shares, sk1_shares = list(state.get("seed-shares", [])), list(state.get("sk1-shares", []))
     shares = ([seed_shares[holders.index(n)] for n in active]
               + [sk1_shares[holders.index(n)] for n in dead])
-    return {"node-ids": active + dead, "shares": shares}, {"stage": "unmask",
+    return {"node-ids": active + dead, "shares": shares}, {"stage": UNMASK,
                                                           "round": state["round"]}

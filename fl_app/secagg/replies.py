@@ -20,7 +20,7 @@ from flwr.app import Message, MetricRecord
 from flwr.common.logger import log
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
-from fl_app.secagg.client import MASKED, PUBLIC_METRICS, REQUEST, SEED_HASH
+from fl_app.secagg.protocol import MASKED, PUBLIC_METRICS, REQUEST, SEED_HASH
 
 T = TypeVar("T")
 

@@ -28,7 +28,7 @@ from fl_app.exchange import exchange
 from fl_app.messages import CLIENT_EPSILONS
 from fl_app.privacy.central import DPNoise
 from fl_app.records import from_array_record, to_array_record
-from fl_app.secagg.client import DP_CLIPPED
+from fl_app.secagg.protocol import DP_CLIPPED
 from fl_app.secagg.server import SecureSum, secure_sum
 from fl_app.secagg.settings import SecAggSettings, can_aggregate
 

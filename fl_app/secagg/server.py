@@ -32,17 +32,20 @@ from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from fl_app.exchange import payload_bytes
 from fl_app.secagg import replies, vectors
-from fl_app.secagg.client import (
+from fl_app.secagg.protocol import (
+    COLLECT,
+    MESSAGE_TYPE,
     REQUEST,
     SCALAR_BYTES,
     SEED_BYTES,
+    SETUP,
+    SHARE_KEYS,
+    UNMASK,
     config_record,
     key_from_scalar,
     settings_record,
 )
 from fl_app.secagg.settings import SecAggError, SecAggSettings, share_plan
-
-MESSAGE_TYPE = "train.secagg"  # the ClientApp's @app.train("secagg") handler
 
 Exchange = Callable[[Sequence[Message], float | None], list[Message]]
 
@@ -145,20 +148,20 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
     log(INFO, "[round %d] secagg: %d clients, %d shares per secret, threshold %d", rnd,
         len(by_node), r.shares, r.threshold)
     # Stage 1: setup.
-    setup = r.request("setup", **settings_record(s, r.shares, r.threshold))
+    setup = r.request(SETUP, **settings_record(s, r.shares, r.threshold))
     keys = replies.without_shared_keys(rnd, replies.usable(
-        rnd, "setup", r.send(dict.fromkeys(by_node, setup), "setup"), replies.setup_keys))
+        rnd, SETUP, r.send(dict.fromkeys(by_node, setup), SETUP), replies.setup_keys))
     u1 = set(keys)
-    r.require(u1, u1, "setup")
+    r.require(u1, u1, SETUP)
     r.pk1 = {nid: pk1 for nid, (pk1, _) in keys.items()}
     # Stage 2: share keys.
     contents = {}
     for nid in u1:
         ids = sorted(r.neighbours[nid] & u1)
-        contents[nid] = r.request("share-keys", **{"node-ids": ids,
+        contents[nid] = r.request(SHARE_KEYS, **{"node-ids": ids,
                                                     "pk1s": [keys[i][0] for i in ids],
                                                     "pk2s": [keys[i][1] for i in ids]})
-    shared = replies.usable(rnd, "share-keys", r.send(contents, "share-keys"),
+    shared = replies.usable(rnd, SHARE_KEYS, r.send(contents, SHARE_KEYS),
                             lambda m, nid: replies.share_ciphertexts(
                                 m, r.neighbours[nid] & u1 - {nid}))
     u2 = set(shared)
@@ -170,7 +173,7 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
         for dst, ciphertext in ciphertexts.items():
             if dst in u2 and src in shared[dst][0]:
                 forwards[dst].append((src, ciphertext))
-    r.require(u2, u2, "share-keys")
+    r.require(u2, u2, SHARE_KEYS)
     # Stage 3: collect masked vectors (the clients train here).
     contents, partners = {}, {}
     for nid in u2:
@@ -178,13 +181,13 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
         partners[nid] = {src for src, _ in srcs}
         train = by_node[nid].content
         contents[nid] = RecordDict({"arrays": train["arrays"], "config": train["config"],
-                                    **r.request("collect", srcs=[i for i, _ in srcs],
+                                    **r.request(COLLECT, srcs=[i for i, _ in srcs],
                                                 ciphertexts=[c for _, c in srcs],
                                                 weighted=weighted, **{"clip-norm": clip_norm})})
     reference = by_node[next(iter(u2))].content["arrays"]
     shapes = {k: tuple(reference[k].shape) for k in reference}
     dims = sum(int(np.prod(shape)) for shape in shapes.values())
-    collected = replies.usable(rnd, "collect", r.send(contents, "collect"),
+    collected = replies.usable(rnd, COLLECT, r.send(contents, COLLECT),
                                lambda m, nid: replies.masked_vector(
                                    m, lambda num_metrics: vectors.HEADER + num_metrics + dims))
     total, names, clear, u3 = None, None, {}, set()
@@ -198,9 +201,9 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
         for key, value in public.items():
             clear[key] = max(clear.get(key, value), value)
         u3.add(nid)
-    r.require(u3, u3, "collect")
+    r.require(u3, u3, COLLECT)
     # Stage 4: unmask.
-    contents = {nid: r.request("unmask", active=sorted((partners[nid] | {nid}) & u3),
+    contents = {nid: r.request(UNMASK, active=sorted((partners[nid] | {nid}) & u3),
                                dead=sorted(partners[nid] - u3)) for nid in u3}
     seed_shares: dict[int, list[bytes]] = {nid: [] for nid in u3}
     sk1_shares: dict[int, list[bytes]] = {nid: [] for nid in u2 - u3}
@@ -211,12 +214,12 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
         return replies.unmask_shares(reply, nid, active, dead, lambda owner: _shamir_length(
             SEED_BYTES if owner in active else SCALAR_BYTES))
 
-    revealed = replies.usable(rnd, "unmask", r.send(contents, "unmask"), check_shares)
+    revealed = replies.usable(rnd, UNMASK, r.send(contents, UNMASK), check_shares)
     for shares in revealed.values():
         for owner, share in shares:
             (seed_shares if owner in seed_shares else sk1_shares)[owner].append(share)
     u4 = set(revealed)
-    r.require(u4, u3 | (u2 - u3), "unmask")
+    r.require(u4, u3 | (u2 - u3), UNMASK)
     total = _unmask(r, total, seed_shares, sk1_shares, partners)
     weight, examples, clipped, metric_values, flat = vectors.decode(total, len(u3), len(names), s)
     del total
