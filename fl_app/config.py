@@ -8,7 +8,6 @@ the same clear messages.
 
 from __future__ import annotations
 
-import math
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fl_app import device, schema, targets
 from fl_app.errors import ConfigError
-from fl_app.messages import GRADIENT
+from fl_app.privacy import settings as privacy_settings
 from fl_app.secagg.settings import config_problem as secagg_problem
 from fl_app.secagg.settings import config_warning as secagg_warning
 from fl_app.strategies import features
@@ -112,7 +111,6 @@ def check(cfg: DictConfig) -> None:
         ("dataset.name", cfg.dataset.name in available("dataset"),
          f"one of {available('dataset')}"),
         *_strategy_rules(cfg),
-        *_privacy_rules(cfg),
         *_data_rules(cfg),
     ]
     for key, ok, expected in rules:
@@ -129,6 +127,9 @@ def check(cfg: DictConfig) -> None:
         )
     if cfg.get("client_pool") is not None:
         _check_client_pool(cfg)
+    if problem := privacy_settings.config_problem(
+            cfg, features.of_config(cfg.strategy)["mode"], bool(cfg.model.get("tokens", False))):
+        raise ConfigError(problem)
     if problem := secagg_problem(cfg):
         raise ConfigError(problem)
     if warning := secagg_warning(cfg):
@@ -198,67 +199,6 @@ def _strategy_rules(cfg: DictConfig) -> list[tuple[str, bool, str]]:
             rules.append(("strategy.num_malicious_nodes", per_round > 2 * f + 2,
                           f"below (clients per round - 2) / 2: Krum needs more than 2f + 2 "
                           f"replies, and a round samples {per_round}"))
-    return rules
-
-
-def _privacy_rules(cfg: DictConfig) -> list[tuple[str, bool, str]]:
-    """Rules for central DP (a strategy with noise_multiplier) and the `privacy` group.
-
-    Checked at compose time so a bad privacy setting fails before any client trains; the
-    strategy and the clients check the same again when they are built.
-    """
-    def num(key: str) -> float:
-        value = OmegaConf.select(cfg, key)
-        return float(value) if _is_number(value) else math.nan
-
-    def delta_rules(prefix: str, may_be_null: bool) -> list[tuple[str, bool, str]]:
-        delta, key = OmegaConf.select(cfg, f"{prefix}.delta"), f"{prefix}.delta"
-        if delta is None and may_be_null:
-            return []
-        rules = [(key, 0 < num(key) < 1, "strictly between 0 and 1, well below 1/num_clients")]
-        if cfg.num_clients and rules[0][1]:
-            rules.append((key, num(key) < 1 / cfg.num_clients,
-                          f"below 1/num_clients = {1 / cfg.num_clients:g}, e.g. "
-                          f"{1 / (10 * cfg.num_clients):g} (a larger delta lets a mechanism "
-                          "publish one client's data outright)"))
-        return rules
-
-    no_noise = "> 0 (without noise there is no differential privacy)"
-    rules: list[tuple[str, bool, str]] = []
-    if "noise_multiplier" in cfg.strategy:  # central DP: DPNoise
-        rules += [
-            ("strategy.noise_multiplier", num("strategy.noise_multiplier") > 0, no_noise),
-            ("strategy.clip_norm", num("strategy.clip_norm") > 0, "> 0"),
-            *delta_rules("strategy", may_be_null=True),
-            ("strategy.max_epsilon", cfg.strategy.get("max_epsilon") is None
-             or num("strategy.max_epsilon") > 0, "null (no budget) or > 0"),
-            ("strategy.clipping", cfg.strategy.get("clipping", "fixed") in ("fixed", "adaptive"),
-             "fixed or adaptive"),
-            ("strategy.target_quantile", 0 < num("strategy.target_quantile") < 1
-             if "target_quantile" in cfg.strategy else True, "in (0, 1)"),
-            ("strategy.clip_lr", num("strategy.clip_lr") > 0
-             if "clip_lr" in cfg.strategy else True, "> 0"),
-            ("strategy.clipped_count_stddev", cfg.strategy.get("clipped_count_stddev") is None
-             or num("strategy.clipped_count_stddev") > num("strategy.noise_multiplier") / 2,
-             "null (default) or > noise_multiplier / 2 (the noised count costs privacy too)"),
-        ]
-    name = cfg.privacy.get("name", "none")
-    rules.append(("privacy.name", name in ("none", "local", "dpsgd"), "none, local or dpsgd"))
-    if name == "local":
-        rules += [("privacy.noise_multiplier", num("privacy.noise_multiplier") > 0, no_noise),
-                  ("privacy.clip_norm", num("privacy.clip_norm") > 0, "> 0"),
-                  *delta_rules("privacy", may_be_null=False)]
-    if name == "dpsgd":
-        rules += [("privacy.noise_multiplier", num("privacy.noise_multiplier") > 0, no_noise),
-                  ("privacy.max_grad_norm", num("privacy.max_grad_norm") > 0, "> 0"),
-                  ("privacy.delta", 0 < num("privacy.delta") < 1,
-                   "strictly between 0 and 1, well below 1/(examples per client)"),
-                  ("privacy.name", features.of_config(cfg.strategy)["mode"] != GRADIENT,
-                   "local or none with a FedSGD strategy: DP-SGD trains locally, so it needs "
-                   "strategy=fedavg or dp_fedavg"),
-                  ("privacy.name", not cfg.model.get("tokens", False),
-                   "local or none with model=char_lstm: Opacus computes no per-example "
-                   "gradients for nn.LSTM (it would need its own DPLSTM layer)")]
     return rules
 
 

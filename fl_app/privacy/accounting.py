@@ -16,10 +16,11 @@ releases.
 """
 
 import logging
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+
+from fl_app.privacy import settings
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -28,22 +29,10 @@ class PrivacyBudgetExhausted(RuntimeError):
 
 def _check_inputs(noise_multiplier: float, sample_rate: float, delta: float) -> None:
     """Refuse settings the accountant cannot (or should not) be asked about."""
-    if not math.isfinite(noise_multiplier) or noise_multiplier <= 0:
-        raise ValueError(
-            f"noise_multiplier must be a positive finite number, got {noise_multiplier!r}. "
-            "Without noise there is no differential privacy: set noise_multiplier > 0 "
-            "(around 1.0 is a common starting point)."
-        )
-    if not math.isfinite(sample_rate) or not 0 < sample_rate <= 1:
-        raise ValueError(
-            f"sample_rate must be in (0, 1], got {sample_rate!r}. It is the probability that a "
-            "client takes part in a round (the strategy's fraction_train)."
-        )
-    if not math.isfinite(delta) or not 0 < delta < 1:
-        raise ValueError(
-            f"delta must be strictly between 0 and 1, got {delta!r}. Pick it well below "
-            "1/num_clients, e.g. 1/(10*num_clients)."
-        )
+    settings.require("noise_multiplier", noise_multiplier,
+                     settings.noise_multiplier(noise_multiplier))
+    settings.require("sample_rate", sample_rate, settings.sample_rate(sample_rate))
+    settings.require("delta", delta, settings.delta(delta))
 
 
 @contextmanager
@@ -136,10 +125,8 @@ def rounds_within_budget(
     log2(max_rounds) accountant calls instead of one per round.
     """
     _check_inputs(noise_multiplier, sample_rate, delta)
-    if not math.isfinite(max_epsilon) or max_epsilon <= 0:
-        raise ValueError(
-            f"max_epsilon must be a positive finite number, got {max_epsilon!r}."
-        )
+    settings.require("max_epsilon", max_epsilon, settings.max_epsilon(max_epsilon)
+                     if max_epsilon is not None else "a positive finite number")
     if isinstance(max_rounds, bool) or int(max_rounds) != max_rounds or max_rounds < 0:
         raise ValueError(f"max_rounds must be a non-negative integer, got {max_rounds!r}.")
     low, high = 0, int(max_rounds)  # invariant: epsilon(low) <= max_epsilon
@@ -169,13 +156,7 @@ def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float
     Raises ValueError when the count's noise alone already spends the budget of z
     (2 sigma_b <= z): then no amount of update noise can reach z.
     """
+    settings.require("clipped_count_stddev", clipped_count_stddev,
+                     settings.clipped_count_stddev(clipped_count_stddev, noise_multiplier))
     remaining = noise_multiplier ** -2 - (2 * clipped_count_stddev) ** -2
-    if not math.isfinite(remaining) or remaining <= 0:
-        raise ValueError(
-            f"clipped_count_stddev = {clipped_count_stddev:g} is too small for "
-            f"noise_multiplier = {noise_multiplier:g}: adaptive clipping needs "
-            "2 * clipped_count_stddev > noise_multiplier, since the noised count costs privacy "
-            f"too. Raise clipped_count_stddev above {noise_multiplier / 2:g} (Andrew et al. "
-            "suggest expected clients per round / 20), or leave it null for the default."
-        )
     return remaining ** -0.5

@@ -17,6 +17,7 @@ count sensitivity 1/2, which is what `accounting.combined_noise_multiplier` assu
 
 import math
 
+from fl_app.privacy import settings
 from fl_app.privacy.noise import GaussianNoise
 
 
@@ -42,18 +43,14 @@ class QuantileClipNorm:
         expected_clients: float,
         noise: GaussianNoise,
     ) -> None:
-        checks = [
-            ("clip_norm", initial, math.isfinite(initial) and initial > 0, "> 0"),
-            ("target_quantile", target_quantile, 0 < target_quantile < 1, "in (0, 1)"),
-            ("clip_lr", learning_rate, math.isfinite(learning_rate) and learning_rate > 0, "> 0"),
-            ("clipped_count_stddev", count_stddev,
-             math.isfinite(count_stddev) and count_stddev > 0, "> 0"),
-            ("expected clients per round (q * num_clients)", expected_clients,
-             expected_clients > 0, "> 0"),
-        ]
-        for name, value, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"Adaptive clipping: {name} must be {expected}, got {value!r}.")
+        for name, value, expected in (
+                ("clip_norm", initial, settings.clip_norm(initial)),
+                ("target_quantile", target_quantile, settings.target_quantile(target_quantile)),
+                ("clip_lr", learning_rate, settings.positive(learning_rate)),
+                ("clipped_count_stddev", count_stddev, settings.positive(count_stddev)),
+                ("expected clients per round (q * num_clients)", expected_clients,
+                 settings.positive(expected_clients))):
+            settings.require(name, value, expected)
         self.value = float(initial)
         self.target_quantile = float(target_quantile)
         self.learning_rate = float(learning_rate)

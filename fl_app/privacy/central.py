@@ -30,15 +30,15 @@ from flwr.serverapp.grid import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_app.messages import DELTA
+from fl_app.privacy import settings
 from fl_app.privacy.accounting import (
     check_budget,
     epsilon_spent,
     update_noise_multiplier,
 )
 from fl_app.privacy.adaptive_clipping import QuantileClipNorm
-from fl_app.privacy.clipping import CLIPPING_MODES, add_clipped_updates
+from fl_app.privacy.clipping import add_clipped_updates
 from fl_app.privacy.noise import GaussianNoise
-from fl_app.privacy.settings import checked_settings
 from fl_app.strategies.aggregation import MetricAverager, axpy
 from fl_app.strategies.base import SampledStrategy
 from fl_app.strategies.sampling import poisson_sample
@@ -93,8 +93,9 @@ class DPNoise(Strategy):
         clip_lr: float = 0.2,
         clipped_count_stddev: float | None = None,
     ) -> None:
-        num_clients, delta = checked_settings(strategy, clip_norm, noise_multiplier,
-                                              num_clients, delta, max_epsilon)
+        num_clients, delta = settings.checked_central(
+            strategy, clip_norm, noise_multiplier, num_clients, delta, max_epsilon, SampledStrategy)
+        settings.require("clipping", clipping, settings.clipping(clipping))
         # Clients form their own update (a FedAvg client its delta), so the server only clips
         # and sums: a round's critical path reads each reply twice instead of three times.
         strategy.reply_with_updates()
@@ -111,8 +112,6 @@ class DPNoise(Strategy):
         # clients train (presample_noise).
         self._next_start: tuple[int, float, int, float | None, dict[str, np.ndarray]] | None = None
         self.noise = GaussianNoise(noise_seed)  # never checkpointed (noise.py)
-        if clipping not in CLIPPING_MODES:
-            raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}.")
         self.clipping = clipping
         self.adaptive_clip: QuantileClipNorm | None = None
         # The multiplier of the update's noise: sigma itself, unless the count shares the budget.

@@ -28,26 +28,7 @@ from functools import lru_cache
 import numpy as np
 from omegaconf import DictConfig
 
-PRIVACY_CHOICES = ("none", "local", "dpsgd")
-
-
-def _positive(name: str, value: float, hint: str) -> float:
-    if isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"privacy.{name} must be a positive finite number, got {value!r}. {hint}")
-    return float(value)
-
-
-def _delta(delta: float, population: int, unit: str) -> float:
-    """Refuse a delta that is not well below 1/population (a mechanism that leaks one record
-    in the clear with probability delta would otherwise pass)."""
-    if isinstance(delta, bool) or not 0 < delta < 1:
-        raise ValueError(f"privacy.delta must be strictly between 0 and 1, got {delta!r}.")
-    if delta >= 1.0 / population:
-        raise ValueError(
-            f"privacy.delta = {delta:g} is >= 1/{unit} = {1.0 / population:g}: use a delta well "
-            f"below 1/{unit}, e.g. {1.0 / (10 * population):g} or 1e-5."
-        )
-    return float(delta)
+from fl_app.privacy import settings
 
 
 class LocalDP:
@@ -61,11 +42,13 @@ class LocalDP:
 
     def __init__(self, clip_norm: float, noise_multiplier: float, delta: float,
                  num_clients: int, rng: np.random.Generator | None = None) -> None:
-        self.clip_norm = _positive("clip_norm", clip_norm,
-                                   "It bounds the norm of the update a client sends.")
-        self.noise_multiplier = _positive("noise_multiplier", noise_multiplier,
-                                          "Without noise there is no local privacy.")
-        self.delta = _delta(delta, num_clients, "num_clients")
+        for name, value, rule in (("privacy.clip_norm", clip_norm, settings.clip_norm(clip_norm)),
+                                  ("privacy.noise_multiplier", noise_multiplier,
+                                   settings.noise_multiplier(noise_multiplier)),
+                                  ("privacy.delta", delta, settings.delta(delta, num_clients))):
+            settings.require(name, value, rule)
+        self.clip_norm, self.noise_multiplier = float(clip_norm), float(noise_multiplier)
+        self.delta = float(delta)
         self.releases = 0
         self._rng = rng if rng is not None else np.random.default_rng()
 
@@ -115,12 +98,13 @@ class DPSGD:
     name = "dpsgd"
 
     def __init__(self, max_grad_norm: float, noise_multiplier: float, delta: float) -> None:
-        self.max_grad_norm = _positive("max_grad_norm", max_grad_norm,
-                                       "It bounds each example's gradient norm.")
-        self.noise_multiplier = _positive("noise_multiplier", noise_multiplier,
-                                          "Without noise DP-SGD is not private.")
-        if isinstance(delta, bool) or not 0 < delta < 1:
-            raise ValueError(f"privacy.delta must be strictly between 0 and 1, got {delta!r}.")
+        for name, value, rule in (
+                ("privacy.max_grad_norm", max_grad_norm, settings.max_grad_norm(max_grad_norm)),
+                ("privacy.noise_multiplier", noise_multiplier,
+                 settings.noise_multiplier(noise_multiplier)),
+                ("privacy.delta", delta, settings.delta(delta, unit="(examples per client)"))):
+            settings.require(name, value, rule)
+        self.max_grad_norm, self.noise_multiplier = float(max_grad_norm), float(noise_multiplier)
         self.delta = float(delta)
         self.history: list[tuple[float, float, int]] = []
 
@@ -173,4 +157,4 @@ def from_config(privacy: DictConfig, num_clients: int) -> LocalDP | DPSGD | None
         return LocalDP(privacy.clip_norm, privacy.noise_multiplier, privacy.delta, num_clients)
     if name == "dpsgd":
         return DPSGD(privacy.max_grad_norm, privacy.noise_multiplier, privacy.delta)
-    raise ValueError(f"Unknown privacy '{name}'. Choose one of {list(PRIVACY_CHOICES)}.")
+    raise ValueError(f"Unknown privacy '{name}'. Choose one of {list(settings.CLIENT_PRIVACY)}.")

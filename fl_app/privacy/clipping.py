@@ -12,8 +12,6 @@ from flwr.app import Message
 from fl_app.strategies.aggregation import MetricAverager, update_and_squared_norm
 from fl_app.strategies.base import SampledStrategy
 
-CLIPPING_MODES = ("fixed", "adaptive")
-
 
 def clip_scale(norm: float, clip_norm: float) -> float:
     """min(1, C / ||u||): the factor that brings an update of L2 norm `norm` within C."""
