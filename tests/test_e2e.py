@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from fl_app.deploy.runner import flwr_run, toml_run_config
 from fl_app.models import MLP
@@ -59,8 +60,8 @@ def test_fl_app_sweeps_strategies_one_output_folder_each(flwr_home, tmp_path):
     summaries = {json.loads(p.read_text())["output_dir"]: json.loads(p.read_text())
                  for p in sweep.glob("*/summary.json")}
     assert len(summaries) == 3
-    by_strategy = {(Path(d) / "config.yaml").read_text().split("_target_: fl_app.strategies.")[1]
-                   .split()[0]: s for d, s in summaries.items()}
+    by_strategy = {OmegaConf.load(Path(d) / "config.yaml").strategy._target_.rsplit(".", 1)[1]: s
+                   for d, s in summaries.items()}
     assert set(by_strategy) == {"WeightedFedAvg", "GradientAveraging", "DPNoise"}
     assert by_strategy["WeightedFedAvg"]["test_accuracy"] > 0.6
     assert by_strategy["GradientAveraging"]["test_accuracy"] > 0.3
