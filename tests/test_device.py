@@ -15,9 +15,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from fl_app import checkpoint, client_core, device, inprocess, runner, training
+from fl_app import checkpoint, client_core, device, inprocess, training
 from fl_app.cli import client_resources
 from fl_app.config import ConfigError, check, compose
+from fl_app.deploy import runner
 from fl_app.models import get_weights
 from fl_app.records import to_array_record
 

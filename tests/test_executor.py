@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode, SubStatus
 from strategy_helpers import record, set_task_identity
 
-from fl_app import executor as executor_module
+from fl_app.deploy import executor as executor_module
 from fl_app.deploy.executor import Executor, parse_args, share_cores
 from fl_app.deploy.federation import CONNECTION, LocalFederation
 from fl_app.deploy.processes import alive, stop
