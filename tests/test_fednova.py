@@ -89,7 +89,8 @@ POSITIVE = "metric 'num-steps' must be a positive number for FedNova"
 @pytest.mark.parametrize("steps,reason", [
     (None, POSITIVE), (0, POSITIVE), (-3, POSITIVE),
     (float("nan"), "metric 'num-steps' is not finite"),  # every reply's metrics are checked so
-], ids=["missing", "zero", "negative", "nan"])
+    (0.5, "metric 'num-steps' = 0.5 is below 1"),  # would blow its own delta up by 2
+], ids=["missing", "zero", "negative", "nan", "fraction"])
 def test_a_reply_without_a_positive_num_steps_is_dropped_with_the_reason(steps, reason) -> None:
     strategy = FedNova()
     start_round(strategy, MODEL)
@@ -106,6 +107,45 @@ def test_a_reply_without_a_positive_num_steps_is_dropped_with_the_reason(steps, 
     assert reason in strategy.last_dropped[0]
     # One client left: W + tau · Delta / tau = W + Delta.
     np.testing.assert_allclose(unpack(arrays)["b"], np.full(4, 1.0))
+
+
+def test_a_client_cannot_claim_more_steps_than_its_examples_allow() -> None:
+    # E = 2 local epochs of batches of 10: 30 examples allow at most 2 · 3 = 6 steps.
+    strategy = FedNova(local_epochs=2, batch_size=10)
+    start_round(strategy, MODEL)
+    honest = delta_reply(11, MODEL, 1.0, 30, 6)
+    liar = delta_reply(12, MODEL, 1.0, 30, 7)
+
+    arrays, metrics = strategy.aggregate_train(1, [honest, liar])
+
+    assert metrics["num-clients"] == 1
+    assert strategy.last_dropped == [
+        "node 12: metric 'num-steps' = 7 exceeds the 6 steps 30 examples allow "
+        "(local_epochs=2, batch_size=10)"]
+    np.testing.assert_allclose(unpack(arrays)["w"], np.full((2, 3), 1.0))
+
+
+def test_a_liar_claiming_huge_steps_and_examples_cannot_scale_the_others_updates() -> None:
+    # Unbounded, 1e12 claimed steps would make tau_eff ~1e12 and multiply every other
+    # client's normalized delta by it. Its count is bounded to 100 examples, so at most
+    # 10 steps (one epoch, batches of 10) are believed, and the claim is dropped.
+    strategy = FedNova(local_epochs=1, batch_size=10, max_examples_per_client=100)
+    start_round(strategy, MODEL)
+    honest = [delta_reply(11, MODEL, 1.0, 50, 5), delta_reply(13, MODEL, 3.0, 50, 5)]
+    liar = delta_reply(12, MODEL, 0.0, 10**9, 1e12)
+
+    arrays, _ = strategy.aggregate_train(1, [*honest, liar])
+
+    assert len(strategy.last_dropped) == 1 and "node 12" in strategy.last_dropped[0]
+    np.testing.assert_allclose(unpack(arrays)["w"], np.full((2, 3), 2.0))  # (1 + 3) / 2
+
+
+@pytest.mark.parametrize("setting", [{"local_epochs": 0}, {"batch_size": 2.5},
+                                     {"local_epochs": True}])
+def test_nonsensical_training_settings_are_refused_naming_them(setting) -> None:
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"FedNova's {name} must be null or an integer >= 1"):
+        FedNova(**setting)
 
 
 def test_fednova_with_secure_aggregation_is_refused_at_compose_time_with_the_reason() -> None:
