@@ -134,6 +134,7 @@ SCHEMA: dict[str, Rule] = {
     "strategy.seed": SEED,
     "strategy.server_lr": POSITIVE,
     "strategy.server_momentum": number(ge=0, lt=1),
+    "strategy.local_epochs": COUNT,
     "strategy.weighted": FLAG,
     "strategy.max_examples_per_client": Rule("null or a finite number >= 1",
                                              number(ge=1).nullable().ok),

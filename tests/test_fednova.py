@@ -8,7 +8,7 @@ import pytest
 from flwr.app import ConfigRecord
 from strategy_helpers import FakeGrid, record, set_task_identity, train_reply, unpack
 
-from fl_app import checkpoint, inprocess
+from fl_app import checkpoint, inprocess, targets
 from fl_app.config import ConfigError, compose
 from fl_app.messages import NUM_STEPS
 from fl_app.privacy.central import DPNoise
@@ -123,6 +123,12 @@ def test_a_client_cannot_claim_more_steps_than_its_examples_allow() -> None:
         "node 12: metric 'num-steps' = 7 exceeds the 6 steps 30 examples allow "
         "(local_epochs=2, batch_size=10)"]
     np.testing.assert_allclose(unpack(arrays)["w"], np.full((2, 3), 1.0))
+
+
+def test_the_config_bounds_the_steps_by_the_runs_own_training_settings() -> None:
+    cfg = compose(["strategy=fednova", "local_epochs=3", "batch_size=16"])
+    strategy = targets.build("strategy", cfg.strategy)
+    assert (strategy.local_epochs, strategy.batch_size) == (3, 16)
 
 
 def test_a_liar_claiming_huge_steps_and_examples_cannot_scale_the_others_updates() -> None:
