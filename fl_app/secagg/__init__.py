@@ -1,5 +1,6 @@
 """Secure aggregation (SecAgg+) for fl_app's Message-API rounds: the server learns only the sum.
 
+protocol.py: what both sides speak (message type, stages, record names, settings record);
 settings.py: the `secagg` config group, its checks and the per-round share plan;
 vectors.py: quantizing, masking and decoding the vectors that are summed;
 client.py: the client's protocol stages (its secrets live in the node's Context.state);
