@@ -90,7 +90,7 @@ def test_resume_refuses_a_config_that_changes_the_result(tmp_path):
 
 def test_resume_without_a_checkpoint_says_what_resume_takes(tmp_path):
     (tmp_path / "config.yaml").write_text("{}")
-    with pytest.raises(ConfigError, match="checkpoint.pkl"):
+    with pytest.raises(ConfigError, match="checkpoint.json"):
         run([*BASE, f"resume={tmp_path}"], num_clients=5)
 
 
@@ -102,9 +102,9 @@ def test_resume_refuses_client_side_privacy(tmp_path):
 def test_every_round_is_checkpointed_when_asked(tmp_path):
     run([*BASE, "num_rounds=3", "checkpoints=all", f"output_dir={tmp_path}"], num_clients=5)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["round_0001.pkl", "round_0002.pkl", "round_0003.pkl"]
-    assert (tmp_path / "checkpoint.pkl").read_bytes() == (
-        tmp_path / "checkpoints" / "round_0003.pkl").read_bytes()
+    assert names == ["round_0001.npz", "round_0002.npz", "round_0003.npz"]
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["arrays"] == (
+        "checkpoints/round_0003.npz")
 
 
 def test_metrics_rows_hold_time_and_traffic_of_every_round(tmp_path):
