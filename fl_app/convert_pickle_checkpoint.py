@@ -9,13 +9,15 @@ turns every fl_app or Flower class it names into a placeholder that only keeps t
 the file stores, lets numpy rebuild its arrays, and refuses every other callable (os.system,
 builtins.eval, ...). The old strategy's attributes are then mapped to today's `state_dict`
 format, and the `_target_` paths of classes that moved are rewritten in the run's config.yaml.
-The noise generator an old DP checkpoint holds is dropped (privacy/noise.py).
+The noise generator an old DP checkpoint holds is dropped (privacy/noise.py), and so is the
+pickle itself once converted (`--keep-pickle` keeps it, 0600).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import pickle
 import sys
 from collections.abc import Callable
@@ -27,7 +29,7 @@ from omegaconf import OmegaConf
 from fl_app import checkpoint
 from fl_app.config import to_yaml
 from fl_app.errors import ConfigError
-from fl_app.run_files import write_private
+from fl_app.run_files import FILE_MODE, write_private
 
 # Classes whose `_target_` moved since a run folder was written: old path -> today's.
 MOVED_TARGETS = {
@@ -164,9 +166,10 @@ def rewrite_targets(config_file: Path) -> list[str]:
     return changed
 
 
-def convert(folder: Path) -> Path:
-    """Convert the run in `folder`: its checkpoint.pkl to checkpoint.json + npz, its
-    config.yaml's moved targets. Returns checkpoint.json's path."""
+def convert(folder: Path, keep_pickle: bool = False) -> Path:
+    """Convert the run in `folder`: its checkpoint.pkl to checkpoint.json + npz (the pickle is
+    then deleted, or with `keep_pickle` left 0600), its config.yaml's moved targets. Returns
+    checkpoint.json's path."""
     old = read_pickled(folder / checkpoint.PICKLED)
     attrs = vars(old)
     new = checkpoint.Checkpoint(
@@ -176,7 +179,13 @@ def convert(folder: Path) -> Path:
         history=list(attrs["history"]), elapsed=float(attrs["elapsed"]))
     if (folder / "config.yaml").is_file():
         rewrite_targets(folder / "config.yaml")
-    return checkpoint.save(folder, new)
+    written = checkpoint.save(folder, new)
+    # The pickle is code, and a DP run's holds its noise generator: a secret (noise.py).
+    if keep_pickle:
+        os.chmod(folder / checkpoint.PICKLED, FILE_MODE)
+    else:
+        (folder / checkpoint.PICKLED).unlink()
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,17 +196,21 @@ def main(argv: list[str] | None = None) -> int:
                     "format fl-app resume= reads. Unpickling runs code: convert only your own "
                     "run folders.")
     parser.add_argument("folders", nargs="+", type=Path, metavar="RUN_FOLDER")
+    parser.add_argument("--keep-pickle", action="store_true",
+                        help="keep checkpoint.pkl (made 0600) instead of deleting it: for DP "
+                             "runs it holds the noise generator's state, a secret")
     args = parser.parse_args(argv)
     print("warning: this unpickles checkpoint.pkl, which can run code: convert only run "
           "folders you wrote yourself.", file=sys.stderr)
     for folder in args.folders:
         try:
-            written = convert(folder.expanduser().resolve())
+            written = convert(folder.expanduser().resolve(), args.keep_pickle)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-        print(f"{folder}: wrote {written.name}; checkpoint.pkl is no longer read (delete it "
-              "once you no longer need it).")
+        print(f"{folder}: wrote {written.name} and {checkpoint.ARRAYS_FOLDER}/; "
+              f"{'kept' if args.keep_pickle else 'deleted'} {checkpoint.PICKLED}. Resume with "
+              f"`fl-app resume={folder}`.")
     return 0
 
 

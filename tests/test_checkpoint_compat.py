@@ -26,8 +26,7 @@ import torch
 
 from fl_app import checkpoint, server_loop
 from fl_app.cli import _resumed_run
-from fl_app.config import ConfigError
-from fl_app.config import overrides_from_run_config
+from fl_app.config import ConfigError, overrides_from_run_config
 from fl_app.convert_pickle_checkpoint import convert
 from fl_app.inprocess import run
 from fl_app.privacy.accounting import epsilon_spent
