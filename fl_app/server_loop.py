@@ -76,7 +76,7 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
     x_test, y_test = test.x_test.to(on), test.y_test.to(on)  # once, not per round
     strategy = targets.build("strategy", cfg.strategy)
     resumed = None
-    if cfg.resume:  # checked against the model built from the config: names, shapes, dtypes
+    if cfg.resume:  # checked against the model built from the config: array names and shapes
         resumed = checkpoint.load(out, model=get_weights(model))
         try:
             load_state(strategy, resumed.strategy_state)
