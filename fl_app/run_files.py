@@ -1,7 +1,7 @@
 """A run folder's files are the user's alone: the folder 0700, every file 0600 from the start.
 
-A run folder holds the model, the metrics, the config and the checkpoint (which, pickled, is
-code to whoever may replace it, and with the privacy state a secret to whoever may read it).
+A run folder holds the model, the metrics, the config and the checkpoint (with the privacy
+state, which is only for whoever ran it).
 Files are created with their final mode by `os.open`, never written first and chmod-ed after,
 so no other user can open one in between; a file an older run left is tightened as it is
 rewritten.

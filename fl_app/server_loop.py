@@ -30,7 +30,7 @@ from fl_app.privacy.central import DPNoise
 from fl_app.records import from_array_record, to_array_record
 from fl_app.run_files import open_private, private_folder, private_umask, write_private
 from fl_app.strategies import NotEnoughClientsError, SampledStrategy
-from fl_app.strategies.flower_adapter import usable_replies
+from fl_app.strategies.flower_adapter import load_state, state_of, usable_replies
 from fl_app.strategies.replies import ExampleCap
 
 
@@ -63,11 +63,8 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
             f"{roles}, this run {cfg.num_clients} (num_clients, or the federation's SuperNodes). "
             f"Set num_clients={roles} (fl-app does when it is null) and, with flwr run, "
             f"--federation-config 'num-supernodes={roles}' or client_pool=K.")
-    resumed = None
     if cfg.resume:
         checkpoint.check_resumable(out, cfg)
-        resumed = checkpoint.load(out)
-        log(INFO, "fl_app: resuming after round %d from %s", resumed.round, out)
     write_private(out / "config.yaml", to_yaml(cfg))
     if run_config is not None:
         write_private(out / "run_config.json", json.dumps(run_config, indent=2))
@@ -77,7 +74,16 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
     model = targets.build("model", cfg.model).to(on)
     test = load_dataset(cfg.dataset)
     x_test, y_test = test.x_test.to(on), test.y_test.to(on)  # once, not per round
-    strategy = resumed.strategy if resumed else targets.build("strategy", cfg.strategy)
+    strategy = targets.build("strategy", cfg.strategy)
+    resumed = None
+    if cfg.resume:  # checked against the model built from the config: array names and shapes
+        resumed = checkpoint.load(out, model=get_weights(model))
+        try:
+            load_state(strategy, resumed.strategy_state)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"Cannot resume {out}: its strategy state does not fit "
+                              f"{type(strategy).__name__} ({err!r}).") from err
+        log(INFO, "fl_app: resuming after round %d from %s", resumed.round, out)
     if resumed and hasattr(strategy, "seed_noise"):  # a checkpoint holds no noise generator
         strategy.seed_noise(cfg.strategy.get("noise_seed"))
     if cfg.client_pool is not None:
@@ -124,7 +130,7 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
             history.append(row)
             _append_jsonl(out / "metrics.jsonl", row)
             checkpoint.save(out, checkpoint.Checkpoint(
-                rnd, weights, strategy, history, elapsed + time.time() - started),
+                rnd, weights, state_of(strategy), history, elapsed + time.time() - started),
                 keep_all=cfg.checkpoints == "all")
             round_logger.log_round(row)
             log(INFO, "%s", progress_line(row, cfg.num_rounds, history))

@@ -56,7 +56,7 @@ def test_fl_app_writes_every_output_into_output_dir_and_resumes_there(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"outputs in {out}" in proc.stdout
-    assert {"summary.json", "model.pt", "checkpoint.pkl", "config.yaml", ".hydra"} <= {
+    assert {"summary.json", "model.pt", "checkpoint.json", "config.yaml", ".hydra"} <= {
         p.name for p in out.iterdir()}
     assert list(cwd.iterdir()) == []  # no outputs/<date>/<time> folder beside it
     again = subprocess.run([FL_APP, f"resume={out}", f"output_dir={out}", "num_rounds=2"],

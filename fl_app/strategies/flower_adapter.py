@@ -1,4 +1,5 @@
-"""Train replies screened for Flower's built-in strategies (FedProx, FedAdam, Krum, ...).
+"""Flower's built-in strategies (FedProx, FedAdam, Krum, ...) made fit for fl_app: the train
+replies they are handed are screened, and their state is checkpointed as arrays.
 
 Flower's strategies average whatever they are given: NaN, a lying Array header, a count of
 1e12; and one reply whose metric names differ from the others' makes their aggregate_train
@@ -10,8 +11,9 @@ its content reduced to what every reply has in common.
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
+from flwr.serverapp.strategy import FedAvgM, QFedAvg
 
 from fl_app.messages import NUM_EXAMPLES
 from fl_app.strategies.replies import BadReply, ExampleCap, check_reply
@@ -44,3 +46,54 @@ def usable_replies(rnd: int, replies: list[Message], weights: dict[str, np.ndarr
         reply.content = RecordDict({"arrays": reply.content["arrays"],
                                     "metrics": MetricRecord(kept)})
     return [reply for reply, _, _ in usable]
+
+
+# What Flower's built-in strategies carry from one round to the next: the FedOpt family
+# (FedAdam, FedYogi, FedAdagrad) its moments and the model it sent, FedAvgM its momentum and
+# the current model (an ArrayRecord), QFedAvg the model it sent. FedAvg, FedProx, FedMedian,
+# FedTrimmedAvg, Krum and Bulyan carry nothing: a fresh one from the config is the same.
+FLOWER_STATE = ("m_t", "v_t", "current_arrays", "momentum_vector")
+# The strategies whose current_arrays is an ArrayRecord (the FedOpt family's is a dict).
+KEEP_RECORDS = (FedAvgM, QFedAvg)
+
+
+def state_of(strategy: object) -> dict:
+    """What a checkpoint must keep of `strategy` (its own `state_dict()` where it has one):
+    nested dicts and lists of JSON values and numpy arrays."""
+    if hasattr(strategy, "state_dict"):
+        return strategy.state_dict()
+    state = {}
+    for name in FLOWER_STATE:
+        if hasattr(strategy, name):
+            state[name] = _plain(getattr(strategy, name))
+    return state
+
+
+def load_state(strategy: object, state: dict) -> None:
+    """Restore into a freshly built `strategy` what `state_of` returned for it."""
+    if hasattr(strategy, "load_state_dict"):
+        strategy.load_state_dict(state)
+        return
+    unknown = sorted(set(state) - {n for n in FLOWER_STATE if hasattr(strategy, n)})
+    if unknown:
+        raise ValueError(f"{type(strategy).__name__} has no state {unknown}: the checkpoint "
+                         "was written by another strategy")
+    for name, value in state.items():
+        if name == "current_arrays" and value is not None and isinstance(strategy, KEEP_RECORDS):
+            value = ArrayRecord({k: Array(np.asarray(v)) for k, v in value.items()})
+        elif isinstance(value, dict):
+            value = {k: np.array(v) for k, v in value.items()}
+        elif isinstance(value, list):
+            value = [np.array(v) for v in value]
+        setattr(strategy, name, value)
+
+
+def _plain(value: object) -> object:
+    """An ArrayRecord, dict or list of arrays as numpy copies (None stays None)."""
+    if isinstance(value, ArrayRecord):
+        return {k: np.array(v.numpy()) for k, v in value.items()}
+    if isinstance(value, dict):
+        return {k: np.array(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [np.array(v) for v in value]
+    return value
