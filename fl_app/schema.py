@@ -16,6 +16,8 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from fl_app.privacy import settings as dp
+
 MISSING = "???"  # OmegaConf's mandatory value, which fl_app fills in itself
 
 
@@ -89,6 +91,11 @@ SET_BY_FL_APP = Rule("left as ??? (fl_app sets it to the number of clients)",
                      lambda v: v == MISSING)
 SUBDIR = Rule("a folder name inside the run's output folder (relative, no '..')",
               _is_relative_name)
+def dp_rule(rule: Callable[[object], str | None]) -> Rule:
+    """A DP setting's rule from fl_app.privacy.settings (its one check) as a table row."""
+    return Rule(rule(math.nan) or "valid", lambda v: rule(v) is None)
+
+
 FRACTION_OPEN = number(gt=0, lt=1)
 POSITIVE = number(gt=0)
 COUNT = integer(ge=1)
@@ -140,18 +147,17 @@ SCHEMA: dict[str, Rule] = {
                                              number(ge=1).nullable().ok),
     "strategy.batch_size": Rule("null (the whole local set) or an integer >= 1",
                                 COUNT.nullable().ok),
-    "strategy.clip_norm": POSITIVE,
-    "strategy.noise_multiplier": number(
-        gt=0, need="a finite number > 0 (without noise there is no differential privacy)"),
+    # central DP: each rule is fl_app.privacy.settings' own (written once, asked by all)
+    "strategy.clip_norm": dp_rule(dp.clip_norm),
+    "strategy.noise_multiplier": dp_rule(dp.noise_multiplier),
     "strategy.num_clients": COUNT.nullable(),
-    "strategy.delta": FRACTION_OPEN.nullable(),
-    "strategy.max_epsilon": Rule("null (no budget) or a finite number > 0",
-                                 POSITIVE.nullable().ok),
+    "strategy.delta": dp_rule(dp.delta).nullable(),
+    "strategy.max_epsilon": dp_rule(dp.max_epsilon),
     "strategy.noise_seed": SEED.nullable(),
-    "strategy.clipping": choice("fixed", "adaptive"),
-    "strategy.target_quantile": FRACTION_OPEN,
-    "strategy.clip_lr": POSITIVE,
-    "strategy.clipped_count_stddev": POSITIVE.nullable(),
+    "strategy.clipping": dp_rule(dp.clipping),
+    "strategy.target_quantile": dp_rule(dp.target_quantile),
+    "strategy.clip_lr": dp_rule(dp.positive),
+    "strategy.clipped_count_stddev": dp_rule(dp.positive).nullable(),
     "strategy.eta": POSITIVE,
     "strategy.eta_l": POSITIVE,
     "strategy.beta_1": number(ge=0, lt=1),
@@ -195,13 +201,12 @@ SCHEMA: dict[str, Rule] = {
     "partitioner.class_assignment_mode": choice("random", "deterministic",
                                                 "first-deterministic"),
     "partitioner.num_shards_per_partition": COUNT,
-    # conf/privacy/ (what each name needs: fl_app.config._privacy_rules)
-    "privacy.name": choice("none", "local", "dpsgd"),
-    "privacy.clip_norm": POSITIVE,
-    "privacy.noise_multiplier": number(
-        gt=0, need="a finite number > 0 (without noise there is no differential privacy)"),
-    "privacy.delta": FRACTION_OPEN,
-    "privacy.max_grad_norm": POSITIVE,
+    # conf/privacy/ (what each name needs: fl_app.privacy.settings.client_rules)
+    "privacy.name": choice(*dp.CLIENT_PRIVACY),
+    "privacy.clip_norm": dp_rule(dp.clip_norm),
+    "privacy.noise_multiplier": dp_rule(dp.noise_multiplier),
+    "privacy.delta": dp_rule(dp.delta),
+    "privacy.max_grad_norm": dp_rule(dp.max_grad_norm),
     # conf/secagg/ (how the keys relate: fl_app.secagg.settings)
     "secagg.name": choice("none", "secaggplus"),
     "secagg.num_shares": integer(ge=5).nullable(),  # the safe-plan minimum: secagg.settings
