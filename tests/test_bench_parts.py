@@ -25,7 +25,7 @@ def _parts_in_commands() -> dict[str, set[str]]:
     for page in PAGES:
         for match in _BENCH_COMMAND.finditer(page.read_text()):
             words = match.group(1).split()
-            for flag, value in zip(words, words[1:]):
+            for flag, value in zip(words, words[1:], strict=False):
                 if flag == "--parts":
                     for part in value.split(","):
                         named.setdefault(part, set()).add(page.name)
