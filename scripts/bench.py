@@ -144,7 +144,8 @@ def main() -> None:
     if previous.exists() and not args.fresh:
         try:
             saved = json.loads(previous.read_text()).get("parts", {})
-            saved = {k: v for k, v in saved.items() if "machine" in v}  # this format only
+            # This format only, and parts that still exist.
+            saved = {k: v for k, v in saved.items() if "machine" in v and k in ALL}
         except ValueError:
             saved = {}
 
