@@ -175,7 +175,10 @@ def deployment(work: Path, runs: dict[str, list[str]], env: dict[str, str] | Non
 # The two ways a SuperNode runs this project's ClientApps: `--isolation process` with
 # fl-app-executor running every task in one process (the default), and Flower's own
 # SuperExec starting a fresh `flwr-clientapp` process per message.
-MODES = {" with fl-app-executor": {}, ", plain Flower": {"executor": False}}
+# Keyed by the label in the table; each with its work folder's name (it ends up in a Hydra
+# override, where a comma would split the value) and LocalFederation's options.
+MODES = {" with fl-app-executor": ("executor", {}),
+         ", plain Flower": ("plain-flower", {"executor": False})}
 
 
 def run(work: Path, rounds: int = 3, models=("cnn", "mlp")) -> Part:
@@ -184,8 +187,8 @@ def run(work: Path, rounds: int = 3, models=("cnn", "mlp")) -> Part:
     if not sim_cnn.ok:
         raise RuntimeError(f"3-client CNN simulation failed: {sim_cnn.status}")
     part.data["simulation cnn 3 clients"] = {"rounds": [r["seconds"] for r in sim_cnn.rounds]}
-    for mode, options in MODES.items():
-        runs = deployment(work / f"deploy{mode.replace(' ', '-')}",
+    for mode, (folder, options) in MODES.items():
+        runs = deployment(work / f"deploy-{folder}",
                           {m: [f"model={m}", f"num_rounds={rounds}"] for m in models}, **options)
         for model in models:
             d = runs[model]
