@@ -306,6 +306,7 @@ def fl_app_default(out: Path, overrides: list[str], env: dict[str, str] | None =
     final accuracy, first training step and exit, both counted from when the command started
     (stamps), and the peak memory of its process tree."""
     stamps = out.with_suffix(".stamps.jsonl")
+    stamps.parent.mkdir(parents=True, exist_ok=True)  # every process of the run appends to it
     stamps.unlink(missing_ok=True)
     cmd = [str(Path(sys.executable).parent / "fl-app"), *overrides, f"hydra.run.dir={out}"]
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
