@@ -1,17 +1,16 @@
 #!/usr/bin/env python
 """Every performance figure of the project, measured side by side in one run (issue 6).
 
-    python scripts/bench.py                                  # all parts, ~10 min on 2 cores
+    python scripts/bench.py                                  # all parts
     python scripts/bench.py --parts aggregate,datapath      # some of them
-    python scripts/bench.py --parts profile                  # py-spy of a running simulation
 
-Parts: sim (20-client round time vs a plain PyTorch loop), startup (when the first training
-step runs, and each start-up stage), aggregate (strategies vs a NumPy weighted average, memory
-vs C), scale (1,000 and 10,000 clients), deploy (3 SuperNodes vs simulation, the round floor and
-its parts), datapath (Message → first training step), device (2NN and CNN round time
-in-process, CPU vs GPU where there is one), secagg (round time and bytes with and without
-secure aggregation, 2NN and CNN, 10 and 100 clients), profile (py-spy of a simulation's
-processes, start-up parts alone; not in the default set).
+Parts, each the source of a table or figure in docs/performance.md (secagg: docs/privacy.md):
+sim (20-client round time vs a plain PyTorch loop), startup (when the first training step
+runs, each start-up stage, and the start-up's pieces alone), aggregate (strategies vs a NumPy
+weighted average, memory vs C), scale (1,000 and 10,000 clients), deploy (3 SuperNodes vs
+simulation, the round floor and its stages), datapath (Message → first training step), device
+(2NN and CNN round time in-process, CPU vs GPU where there is one), secagg (round time and
+bytes with and without secure aggregation, 2NN and CNN, 10 and 100 clients).
 
 Prints one table (figure | measured | target | plain Flower, from the issue) and writes it, with
 the machine and, for each part, when, under which load and by which command it was measured,
@@ -41,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.common import Part, Row  # noqa: E402
 
+# Also the order of the results table.
 ALL = ["sim", "startup", "aggregate", "scale", "deploy", "datapath", "device", "secagg"]
-EXTRA = ["profile"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -72,17 +71,13 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-ORDER = ["sim", "startup", "profile", "aggregate", "scale", "deploy", "datapath", "device",
-         "secagg"]
-
-
 def write(out: Path, parts: dict[str, dict]) -> str:
     """Write results.json (every part: its rows, data, command, machine and load) and
     results.md (one table, then when and how each part was measured); return the table."""
-    rows = [Row(**r) for name in ORDER if name in parts for r in parts[name]["rows"]]
+    rows = [Row(**r) for name in ALL if name in parts for r in parts[name]["rows"]]
     text = table(rows)
     runs = []
-    for name in ORDER:
+    for name in ALL:
         if name not in parts:
             continue
         m = parts[name]["machine"]
@@ -109,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(ALL),
-                        help=f"comma-separated, from {ALL + EXTRA} (default: {','.join(ALL)})")
+                        help=f"comma-separated, from {ALL} (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     parser.add_argument("--rounds-cnn", type=int, default=3)
     parser.add_argument("--rounds-mlp", type=int, default=4)
@@ -128,9 +123,9 @@ def main() -> None:
                              "them, replacing only the parts run now)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = set(parts) - set(ALL + EXTRA)
+    unknown = set(parts) - set(ALL)
     if unknown:
-        parser.error(f"unknown parts {sorted(unknown)}; choose from {ALL + EXTRA}")
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {ALL}")
 
     if args.torch_threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FL_APP_TORCH_THREADS"):
@@ -149,7 +144,8 @@ def main() -> None:
     if previous.exists() and not args.fresh:
         try:
             saved = json.loads(previous.read_text()).get("parts", {})
-            saved = {k: v for k, v in saved.items() if "machine" in v}  # this format only
+            # This format only, and parts that still exist.
+            saved = {k: v for k, v in saved.items() if "machine" in v and k in ALL}
         except ValueError:
             saved = {}
 
@@ -160,16 +156,15 @@ def main() -> None:
         info["load_average_at_start"] = os.getloadavg()
         print(f"bench: {name} ...", flush=True)
         try:
-            out = fn()
+            part = fn()
         except Exception as err:  # noqa: BLE001 - one broken part must not lose the rest
             traceback.print_exc()
-            out = {name: Part([Row(f"{name}: FAILED", f"{type(err).__name__}: "
-                                   f"{str(err).splitlines()[0][:200] if str(err) else ''}")])}
-        for key, part in (out if isinstance(out, dict) else {name: out}).items():
-            saved[key] = {"rows": [vars(r) for r in part.rows], "data": part.data,
-                          "command": command, "machine": dict(info),
-                          "finished": f"{datetime.now():%Y-%m-%d %H:%M}",
-                          "seconds": time.time() - t0}
+            part = Part([Row(f"{name}: FAILED", f"{type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200] if str(err) else ''}")])
+        saved[name] = {"rows": [vars(r) for r in part.rows], "data": part.data,
+                       "command": command, "machine": dict(info),
+                       "finished": f"{datetime.now():%Y-%m-%d %H:%M}",
+                       "seconds": time.time() - t0}
         write(args.out, saved)
         print(f"bench: {name} done in {time.time() - t0:.0f} s", flush=True)
 
@@ -181,19 +176,19 @@ def main() -> None:
         if "datapath" in parts:
             from bench import datapath
             attempt("datapath", lambda: datapath.run(work / "datapath"))
-        if "sim" in parts or "startup" in parts:
+        sim_part, sim_run = None, None
+        if "sim" in parts:
             from bench import sim
 
-            def simulation() -> dict[str, Part]:
-                sim_part, start_part = sim.run(work / "sim", args.rounds_cnn, args.rounds_mlp,
-                                               startup_only="sim" not in parts)
-                return ({"sim": sim_part} if "sim" in parts else {}) | (
-                    {"startup": start_part} if "startup" in parts else {})
-            attempt("sim" if "sim" in parts else "startup", simulation)
-        if "startup" in parts or "profile" in parts:
-            from bench import profile
-            attempt("profile", lambda: profile.run(work / "profile",
-                                                   profile_messages="profile" in parts))
+            def simulation() -> Part:
+                nonlocal sim_part, sim_run
+                sim_part, sim_run = sim.run(work / "sim", args.rounds_cnn, args.rounds_mlp)
+                return sim_part
+            attempt("sim", simulation)
+        if "startup" in parts:
+            from bench import startup
+            attempt("startup", lambda: startup.run(work / "startup", args.rounds_mlp, sim_run,
+                                                   sim_part.data if sim_part else None))
         if "scale" in parts:
             from bench import scale
             sizes = tuple(int(n) for n in args.scale_sizes.split(","))

@@ -29,9 +29,11 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from bench.common import Part, Row, fmt_mb, verdict
+from fl_app.messages import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, TRAIN_LOSS
 
 K = 4  # distinct reply payloads, reused cyclically
 TARGET_RATIO = 1.2
+FLOWER = "FedAvg (Flower built-in)"  # timed as plain Flower's figure; its memory is C x a model
 
 
 def cnn_arrays() -> dict[str, np.ndarray]:
@@ -68,28 +70,24 @@ class Replies:
         return [self.reply(i) for i in range(c)]
 
     def reply(self, i: int) -> Message:
-        instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=i + 1,
+        instruction = Message(RecordDict({CONFIG: ConfigRecord()}), dst_node_id=i + 1,
                               message_type=MessageType.TRAIN)
         return Message(RecordDict({
-            "arrays": ArrayRecord(self.payloads[i % K]),
-            "metrics": MetricRecord({"num-examples": self.num_examples(i), "train_loss": 0.5}),
+            ARRAYS: ArrayRecord(self.payloads[i % K]),
+            METRICS: MetricRecord({NUM_EXAMPLES: self.num_examples(i), TRAIN_LOSS: 0.5}),
         }), reply_to=instruction)
 
 
-def numpy_average(replies: Replies, c: int, decode: bool = False) -> dict[str, np.ndarray]:
+def numpy_average(replies: Replies, c: int) -> dict[str, np.ndarray]:
     """The reference: W = Σ n_i W_i / Σ n_i, accumulated in place over the same arrays
-    (one scratch buffer per array, so nothing grows with C). `decode=True` also decodes each
-    reply from Flower's bytes (Array.numpy()) first: what reading replies the usual way costs."""
+    (one scratch buffer per array, so nothing grows with C)."""
     template = replies.decoded[0]
     acc = {k: np.zeros_like(v) for k, v in template.items()}
     scratch = {k: np.empty_like(v) for k, v in template.items()}
     total = 0.0
     for i in range(c):
         n = replies.num_examples(i)
-        if decode:
-            arrays = {k: a.numpy() for k, a in replies.payloads[i % K].items()}
-        else:
-            arrays = replies.decoded[i % K]
+        arrays = replies.decoded[i % K]
         for k, a in acc.items():
             np.multiply(arrays[k], n, out=scratch[k])
             a += scratch[k]
@@ -129,8 +127,9 @@ def strategies(current: dict[str, np.ndarray], c: int) -> dict[str, Callable]:
     on a server (that is where DPNoise draws the round's noise, while the clients train)."""
     from flwr.serverapp.strategy import FedAvg
 
+    from fl_app.privacy.central import DPNoise
     from fl_app.records import to_array_record
-    from fl_app.strategies import DPNoise, GradientAveraging, WeightedFedAvg
+    from fl_app.strategies import GradientAveraging, WeightedFedAvg
 
     record = to_array_record(current)
     nodes = max(c, 2)
@@ -149,7 +148,7 @@ def strategies(current: dict[str, np.ndarray], c: int) -> dict[str, Callable]:
         "DPNoise around WeightedFedAvg (fl_app)": lambda: ready(dp(WeightedFedAvg())),
         "DPNoise around GradientAveraging (fl_app)": lambda: ready(
             dp(GradientAveraging(server_lr=0.1))),
-        "FedAvg (Flower built-in)": lambda: FedAvg(),
+        FLOWER: lambda: FedAvg(),
     }
 
 
@@ -177,7 +176,6 @@ REFERENCE = "NumPy weighted average (reference)"
 # Keyed by whether the server must form each update from a reply of weights (W_i - W).
 DP_REFERENCE = {True: "NumPy DP sum of weight replies: delta, norm, clip, add",
                 False: "NumPy DP sum of update replies (deltas, gradients): norm, clip, add"}
-DECODING = "NumPy weighted average + Flower's Array.numpy() decoding"
 NOISE = "DP noise draw (N(0, σ²) for every parameter, once a round)"
 
 
@@ -187,7 +185,7 @@ def _reply_mode(strategy) -> str:
 
 
 def _measure_size(c: int, current: dict[str, np.ndarray], replies: Replies, deltas: Replies,
-                  res: dict, flower_memory_max: int) -> None:
+                  res: dict) -> None:
     """Time (and trace the memory of) every variant on C replies; results into `res`.
 
     Each repeat times the reference and then every variant once, and the best of the repeats
@@ -197,8 +195,7 @@ def _measure_size(c: int, current: dict[str, np.ndarray], replies: Replies, delt
     repeat = max(3, 100 // c)
     by_mode = {"weights": replies(c), "delta": deltas(c)}
     made = strategies(current, c)
-    numpy_variants = {REFERENCE: lambda: numpy_average(replies, c),
-                      DECODING: lambda: numpy_average(replies, c, decode=True)}
+    numpy_variants = {REFERENCE: lambda: numpy_average(replies, c)}
     for offset, name in DP_REFERENCE.items():
         numpy_variants[name] = lambda o=offset: numpy_dp_sum(replies, c, current, o)
     modes = {name: _reply_mode(make()) for name, make in made.items()}
@@ -220,15 +217,14 @@ def _measure_size(c: int, current: dict[str, np.ndarray], replies: Replies, delt
         if "DPNoise" in name:  # also against the NumPy code of the same DP maths
             own = best[DP_REFERENCE[modes[name] == "weights"]]
             entry["ratio_to_dp_reference"] = best[name] / own
-        if "Flower" in name and c > flower_memory_max:
-            entry["peak_extra_bytes"] = None  # it decodes every reply: C x the model
-            continue
+        if name == FLOWER:
+            continue  # it decodes every reply (C x the model); the page reports fl_app's only
         strategy = make()
         entry["peak_extra_bytes"] = _peak_extra(
             lambda s=strategy, m=inputs[name]: s.aggregate_train(1, m))
 
 
-def run(sizes: tuple[int, ...] = (10, 100, 1000), flower_memory_max: int = 1000) -> Part:
+def run(sizes: tuple[int, ...] = (10, 100, 1000)) -> Part:
     import logging
 
     from flwr.common.logger import FLOWER_LOGGER
@@ -246,7 +242,7 @@ def run(sizes: tuple[int, ...] = (10, 100, 1000), flower_memory_max: int = 1000)
     res[NOISE] = {"seconds": noise}
 
     for c in sizes:
-        _measure_size(c, current, replies, deltas, res, flower_memory_max)
+        _measure_size(c, current, replies, deltas, res)
         print(f"  aggregate C={c}: reference {res[REFERENCE][c]['seconds'] * 1e3:.0f} ms",
               flush=True)
 
@@ -279,15 +275,13 @@ def run(sizes: tuple[int, ...] = (10, 100, 1000), flower_memory_max: int = 1000)
                                  " / ".join(f"{r:.2f}×" for r in own) + verdict(ok),
                                  f"≤ {TARGET_RATIO}×", ok=ok))
     for name in strategies(current, 2):
-        mem = [res[name][c].get("peak_extra_bytes") for c in sizes]
-        flower = "Flower" in name
-        flat = None if flower else max(mem) <= 1.5 * min(mem) + 8 * 2**20
-        text = " / ".join(fmt_mb(m) if m is not None else f"≈{fmt_mb(c * model_bytes)} (not run)"
-                          for m, c in zip(mem, sizes, strict=True))
+        if name == FLOWER:
+            continue
+        mem = [res[name][c]["peak_extra_bytes"] for c in sizes]
+        flat = max(mem) <= 1.5 * min(mem) + 8 * 2**20
         part.rows.append(Row(f"  extra memory of aggregate_train, {name}",
-                             text + verdict(flat), "independent of C", ok=flat))
-    part.rows.append(Row(f"  {DECODING} (what reading replies with Array.numpy() costs)",
-                         ratio_text(DECODING)))
+                             " / ".join(fmt_mb(m) for m in mem) + verdict(flat),
+                             "independent of C", ok=flat))
     part.rows.append(Row(f"  {NOISE}: DPNoise draws it in configure_train, while the clients "
                          "train, so it is not in the DP figures above", f"{noise * 1e3:.0f} ms"))
     return part

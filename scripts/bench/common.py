@@ -130,20 +130,6 @@ def _memory_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def _name(pid: int) -> str:
-    """A short name for a process: its script or executable, e.g. flwr-simulation, raylet."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return "?"
-    words = [a.decode(errors="replace") for a in argv if a]
-    for word in words[:3]:
-        base = os.path.basename(word)
-        if base and not base.startswith(("python", "-")):
-            return base
-    return os.path.basename(words[0]) if words else "?"
-
-
 class TreeMemory:
     """Samples, in a thread, the summed RSS and PSS of every process that `roots()` returns
     and of all their descendants; keeps the peaks."""
@@ -151,8 +137,6 @@ class TreeMemory:
     def __init__(self, roots, interval: float = 0.5) -> None:
         self.roots, self.interval = roots, interval
         self.peak_rss = self.peak_pss = 0  # bytes
-        self.peak_processes = 0
-        self.peak_breakdown: dict[str, int] = {}  # PSS per process at the peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -162,18 +146,9 @@ class TreeMemory:
             for root in self.roots():
                 pids.add(root)
                 pids.update(descendants(root))
-            rss = pss = 0
-            by_process = {}
-            for pid in pids:
-                r, p = _memory_kb(pid)
-                rss += r
-                pss += p
-                by_process[f"{_name(pid)} [{pid}]"] = p * 1024
-            self.peak_rss = max(self.peak_rss, rss * 1024)
-            if pss * 1024 > self.peak_pss:
-                self.peak_pss = pss * 1024
-                self.peak_breakdown = dict(sorted(by_process.items(), key=lambda kv: -kv[1]))
-            self.peak_processes = max(self.peak_processes, len(pids))
+            sizes = [_memory_kb(pid) for pid in pids]
+            self.peak_rss = max(self.peak_rss, 1024 * sum(r for r, _ in sizes))
+            self.peak_pss = max(self.peak_pss, 1024 * sum(p for _, p in sizes))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> TreeMemory:
@@ -200,8 +175,6 @@ class SimRun:
     rounds: list[dict]           # metrics.jsonl
     peak_rss: int = 0
     peak_pss: int = 0
-    peak_processes: int = 0
-    peak_breakdown: dict = field(default_factory=dict)
 
     def line_time(self, text: str) -> float | None:
         return next((t for t, line in self.lines if text in line), None)
@@ -324,8 +297,6 @@ def simulate(work: Path, overrides: list[str], num_supernodes: int,
                     [s for s in read_stamps(stamps) if s["t"] >= started], rounds)
     if memory:
         result.peak_rss, result.peak_pss = memory.peak_rss, memory.peak_pss
-        result.peak_processes = memory.peak_processes
-        result.peak_breakdown = memory.peak_breakdown
     return result
 
 
@@ -335,6 +306,7 @@ def fl_app_default(out: Path, overrides: list[str], env: dict[str, str] | None =
     final accuracy, first training step and exit, both counted from when the command started
     (stamps), and the peak memory of its process tree."""
     stamps = out.with_suffix(".stamps.jsonl")
+    stamps.parent.mkdir(parents=True, exist_ok=True)  # every process of the run appends to it
     stamps.unlink(missing_ok=True)
     cmd = [str(Path(sys.executable).parent / "fl-app"), *overrides, f"hydra.run.dir={out}"]
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

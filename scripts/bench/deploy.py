@@ -131,11 +131,11 @@ def _breakdown(stamps: list[dict], tail: LogTail, ports: dict[str, str]) -> list
     return out
 
 
-def deployment(work: Path, models: tuple[str, ...], rounds: int,
-               env: dict[str, str] | None = None, **federation) -> dict[str, dict]:
-    """One `flwr run` per model on one LocalFederation (3 SuperNodes; `federation`: its
-    options); per model its round times and the per-SuperNode stage breakdown of its steady
-    rounds."""
+def deployment(work: Path, runs: dict[str, list[str]], env: dict[str, str] | None = None,
+               **federation) -> dict[str, dict]:
+    """One `flwr run` per entry of `runs` (name -> Hydra overrides) on one LocalFederation
+    (3 SuperNodes; `federation`: its options); per run its round times, its wall time and the
+    per-SuperNode stage breakdown of its steady rounds."""
     stamps = work / "stamps.jsonl"
     # Unbuffered output: the SuperNodes' log lines reach their files (and get their time) at once.
     fed_env = {**stamp_env(stamps), "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -146,18 +146,18 @@ def deployment(work: Path, models: tuple[str, ...], rounds: int,
         tail = LogTail(fed.logs)
         tail.start()
         try:
-            for model in models:
-                out = work / f"out-{model}"
+            for name, overrides in runs.items():
+                out = work / f"out-{name}"
                 config = toml_run_config(
-                    {"overrides": shlex.join([f"model={model}", f"num_rounds={rounds}",
-                                              f"output_dir={out}"])}, work / f"{model}.toml")
+                    {"overrides": shlex.join([*overrides, f"output_dir={out}"])},
+                    work / f"{name}.toml")
                 start = time.time()
                 result = fed.run(config, timeout=900)
                 if not result.ok:
-                    raise RuntimeError(f"deployment {model} failed: {result.status}\n"
+                    raise RuntimeError(f"deployment {name} failed: {result.status}\n"
                                        f"{result.log[-3000:]}")
                 rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
-                results[model] = {"rounds": [r["seconds"] for r in rows],
+                results[name] = {"rounds": [r["seconds"] for r in rows],
                                   "wall": time.time() - start,
                                   "steady": median([r["seconds"] for r in rows[1:]]),
                                   "started": start}
@@ -175,7 +175,10 @@ def deployment(work: Path, models: tuple[str, ...], rounds: int,
 # The two ways a SuperNode runs this project's ClientApps: `--isolation process` with
 # fl-app-executor running every task in one process (the default), and Flower's own
 # SuperExec starting a fresh `flwr-clientapp` process per message.
-MODES = {" with fl-app-executor": {}, ", plain Flower": {"executor": False}}
+# Keyed by the label in the table; each with its work folder's name (it ends up in a Hydra
+# override, where a comma would split the value) and LocalFederation's options.
+MODES = {" with fl-app-executor": ("executor", {}),
+         ", plain Flower": ("plain-flower", {"executor": False})}
 
 
 def run(work: Path, rounds: int = 3, models=("cnn", "mlp")) -> Part:
@@ -184,9 +187,9 @@ def run(work: Path, rounds: int = 3, models=("cnn", "mlp")) -> Part:
     if not sim_cnn.ok:
         raise RuntimeError(f"3-client CNN simulation failed: {sim_cnn.status}")
     part.data["simulation cnn 3 clients"] = {"rounds": [r["seconds"] for r in sim_cnn.rounds]}
-    for mode, options in MODES.items():
-        runs = deployment(work / f"deploy{mode.replace(' ', '-')}", tuple(models), rounds,
-                          **options)
+    for mode, (folder, options) in MODES.items():
+        runs = deployment(work / f"deploy-{folder}",
+                          {m: [f"model={m}", f"num_rounds={rounds}"] for m in models}, **options)
         for model in models:
             d = runs[model]
             part.data[f"deployment{mode} {model}"] = d
@@ -208,7 +211,8 @@ def run(work: Path, rounds: int = 3, models=("cnn", "mlp")) -> Part:
             _stage_rows(part, f"{NAMES[model]}{mode},", d["breakdown"])
     # What a SuperLink with --database costs: every array of every message goes through SQLite.
     if "mlp" in models:
-        d = deployment(work / "deploy-database", ("mlp",), rounds, database=True)["mlp"]
+        d = deployment(work / "deploy-database", {"mlp": ["model=mlp", f"num_rounds={rounds}"]},
+                       database=True)["mlp"]
         part.data["deployment mlp, SuperLink --database"] = d
         print(f"  deployment mlp, SuperLink --database: steady {d['steady']:.2f} s/round",
               flush=True)

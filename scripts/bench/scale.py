@@ -9,14 +9,21 @@ once more as `fl-app` with its default engine (in-process: one process, no Super
 The embedded MNIST has 4,000 training images, too few for 10,000 clients, so these runs use
 `dataset=mnist` (torchvision's loader) on MNIST-format files written from the embedded 5,000
 digits tiled to 60,000 training and 10,000 test images: the same pixels, 12 copies. Partitions
-are computed once beforehand (timed and reported) into a cache of the benchmark's own
-(~/.cache/fl_app/bench-scale, kept between runs), as a user's second run would find them.
+are computed once beforehand into a cache of the benchmark's own (~/.cache/fl_app/bench-scale,
+kept between runs), as a user's second run would find them.
+
+Where the simulation process spends its steady rounds (Flower's engine polling every node's
+queue) is sampled with py-spy where it is installed (`pip install -e ".[bench]"`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import struct
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +40,25 @@ from bench.common import (
     simulate,
     verdict,
 )
-from bench.profile import spy, summarise
 
 SAMPLED = 10
 POOL = 10  # SuperNodes of the client-pool runs (config client_pool): one per sampled client
 TARGET_MEMORY = 4 * 2**30
 MODEL = ["model=mlp"]
+PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+RATE = 100  # py-spy samples per second; CPU-only sampling, so samples / RATE = CPU seconds
+# (group, substring of a frame "function (file:line)"), in priority order: a sample goes to the
+# first group with a frame anywhere in its stack.
+GROUPS = [
+    ("engine: polling every node for messages (vce_api.add_messages_to_queue)",
+     "add_messages_to_queue ("),
+    ("engine: storing replies (vce_api.put_message_into_state)", "put_message_into_state ("),
+    ("engine: worker threads (submit to Ray, wait, update Context)", "worker (flwr/server/"),
+    ("central evaluation", "evaluate (fl_app/training.py"),
+    ("fl_app strategy (aggregate, checks)", "fl_app/strategies"),
+    ("ServerApp grid: push / pull messages", "send_and_receive ("),
+    ("Flower's LinkState (message validation, copies)", "linkstate"),
+]
 
 
 def write_tiled_mnist(root: Path) -> Path:
@@ -62,13 +82,11 @@ def write_tiled_mnist(root: Path) -> Path:
 
 
 PREPARE = r"""
-import json, sys, time
+import sys
 from fl_app.config import compose
 from fl_app.data import client_data
-cfg = compose(sys.argv[2:])
-t = time.time()
-client_data(cfg, 0, int(sys.argv[1]))
-print(json.dumps({"seconds": time.time() - t}))
+client_data(compose(sys.argv[2:]), 0, int(sys.argv[1]))
+print("{}")
 """
 
 
@@ -77,11 +95,24 @@ def overrides(root: Path, num_clients: int, rounds: int) -> list[str]:
             f"fraction_train={SAMPLED / num_clients}", f"num_rounds={rounds}"]
 
 
+def summarise(raw: Path) -> dict:
+    """CPU seconds and the share of each of GROUPS in a py-spy raw (collapsed stacks) file."""
+    groups, total = Counter(), 0
+    lines = raw.read_text().splitlines() if raw.exists() else []
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if count.isdigit():
+            total += int(count)
+            groups[next((g for g, key in GROUPS if key in stack), "other")] += int(count)
+    return {"cpu_seconds": total / RATE,
+            "groups": {g: c / total for g, c in groups.most_common()} if total else {}}
+
+
 def _simulation(work: Path, name: str, ov: list[str], supernodes: int, env: dict) -> dict:
     """One measured simulation: its timeline, rounds, peak memory and a py-spy summary."""
     spy_file = work / f"spy-simulation-{name}.txt"
     sim = simulate(work / f"sim-{name}", ov, supernodes, env=env, sample_memory=True,
-                   watcher=_spy_simulation_process(spy_file))
+                   watcher=_spy_simulation_process(spy_file) if PY_SPY else None)
     if not sim.ok:
         log = "".join(line for _, line in sim.lines)
         raise RuntimeError(f"{name} simulation failed: {sim.status}\n{log[-3000:]}")
@@ -89,8 +120,7 @@ def _simulation(work: Path, name: str, ov: list[str], supernodes: int, env: dict
           f"peak PSS {fmt_mb(sim.peak_pss)}", flush=True)
     return {"timeline": sim.timeline(), "rounds": [r["seconds"] for r in sim.rounds],
             "steady_round": sim.steady_round(), "peak_pss": sim.peak_pss,
-            "peak_rss": sim.peak_rss, "peak_processes": sim.peak_processes,
-            "peak_pss_by_process": sim.peak_breakdown,
+            "peak_rss": sim.peak_rss,
             "py-spy of the simulation process, steady rounds": summarise(spy_file)}
 
 
@@ -112,7 +142,10 @@ def _spy_simulation_process(out: Path, seconds: int = 2):
         while not done.is_set():
             starts = [s for s in read_stamps(stamps) if s["event"] == "round-start"]
             if len(starts) >= 2:
-                spy(starts[0]["pid"], seconds, out).wait()
+                subprocess.run([PY_SPY, "record", "-p", str(starts[0]["pid"]), "-d",
+                                str(seconds), "-r", str(RATE), "--nonblocking", "-f", "raw",
+                                "-o", str(out)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT, check=False)
                 return
             done.wait(0.2)
     return watcher
@@ -130,13 +163,8 @@ def run(work: Path, sizes: tuple[int, ...] = (1000, 10_000), rounds: int = 4) ->
     for n in sizes:
         ov = overrides(root, n, rounds)
         code = f"import sys; sys.argv = ['x', {str(n)!r}, *{ov!r}]\n" + PREPARE
-        stored = set((cache / "partitions").glob("*.npz"))
-        prep = python_child(code, env=env)   # partitions computed and stored (first time)
-        computed = bool(set((cache / "partitions").glob("*.npz")) - stored)
-        again = python_child(code, env=env)  # what a fresh process pays with them stored
-        results[n] = {"partitioning_seconds": prep["seconds"] if computed else None,
-                      "client_data_fresh_process_seconds": again["seconds"],
-                      **_simulation(work, str(n), ov, n, env)}
+        python_child(code, env=env)  # partitions computed and stored, unless an earlier run did
+        results[n] = _simulation(work, str(n), ov, n, env)
         pooled[n] = _simulation(work, f"{n}-pool", [*ov, f"num_clients={n}",
                                                     f"client_pool={POOL}"], POOL, env)
         in_process[n] = _in_process(work, str(n), [*ov, f"num_clients={n}"], env)
@@ -154,23 +182,12 @@ def run(work: Path, sizes: tuple[int, ...] = (1000, 10_000), rounds: int = 4) ->
         part.rows.append(Row(f"  {n:,} clients: peak memory of the process tree, PSS (RSS summed)",
                              f"{fmt_mb(r['peak_pss'])} ({fmt_mb(r['peak_rss'])})" + verdict(ok),
                              "< 4 GB at 10,000" if n >= 10_000 else "", ok=ok))
-        top = list(r["peak_pss_by_process"].items())[:3]
-        if top:
-            part.rows.append(Row(f"  {n:,} clients: largest processes at the peak (PSS)",
-                                 ", ".join(f"{k.split(' [')[0]} {fmt_mb(v)}" for k, v in top)))
         spied = r["py-spy of the simulation process, steady rounds"]
         groups = spied.get("groups", {})
         if groups:
             part.rows.append(Row(f"  {n:,} clients: simulation process, 2 s of steady rounds "
                                  f"(py-spy): {spied['cpu_seconds']:.1f} CPU-s", "; ".join(
                                      f"{g} {share:.0%}" for g, share in list(groups.items())[:4])))
-        seconds = r["partitioning_seconds"]
-        part.rows.append(Row(f"  {n:,} clients: partitioning 60,000 examples (first time only, "
-                             "then read from disk)",
-                             fmt_s(seconds) if seconds else "done by an earlier bench run"))
-        part.rows.append(Row(f"  {n:,} clients: one client's data in a fresh process (dataset and "
-                             "stored partitions read from disk)",
-                             fmt_s(r["client_data_fresh_process_seconds"])))
     for n, r in pooled.items():
         first = r["timeline"]["first training step (first backward pass)"] or float("nan")
         ok = r["peak_pss"] < TARGET_MEMORY if n >= 10_000 else None

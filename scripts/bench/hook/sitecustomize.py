@@ -7,9 +7,7 @@ app's code is not changed: a few fl_app functions are wrapped when their module 
 
 Events: process-start (with argv); flwr-entry (the process's flwr entry-point module has been
 imported: flwr-clientapp's, flwr-simulation's); app-load (the first `import fl_app...` begins);
-torch / ray / clientapp-module (torch, ray, fl_app.client_app have been imported);
-vce-start / vce-backend-start (the simulation engine starts: loads the ClientApp, then
-starts Ray and its actors); imports (fl_app.client_core, with flwr and torch, has been
+torch (torch has been imported); imports (fl_app.client_core, with flwr and torch, has been
 imported); server-run; round-start / round-end; handler (the ClientApp's train handler asked
 for its client: the Message has arrived); train-start / train-end (the local SGD loop);
 gradient-start / gradient-end; backward (the process's first backward pass: its first
@@ -57,14 +55,12 @@ _PATCHES = {
     "fl_app.training": [("train", _timed, "train"), ("gradient", _timed, "gradient")],
     "fl_app.client_core": [("_client", _entered, "handler")],
     "fl_app.server_loop": [("train_round", _timed, "round"), ("run", _entered, "server-run")],
-    "flwr.server.superlink.fleet.vce.vce_api": [("start_vce", _entered, "vce-start"),
-                                                 ("run_api", _entered, "vce-backend-start")],
 }
 
 
 # Modules whose import completion is stamped (event name).
 _IMPORTED = {"flwr.supernode.cli": "flwr-entry", "flwr.simulation.app": "flwr-entry",
-             "torch": "torch", "ray": "ray", "fl_app.client_app": "clientapp-module"}
+             "torch": "torch"}
 _seen: set[str] = set()
 
 
