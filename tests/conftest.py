@@ -15,13 +15,6 @@ from fl_app.deploy.runner import local_superlink_env
 os.environ.setdefault("FL_APP_DEVICE", "cpu")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the `e2e` tests (real Flower processes, up to minutes each) first: with the suite
-    spread over workers (`-n 2`, pytest-xdist), a long test that starts last would make every
-    other worker wait for it. The order within each kind is kept."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
-
-
 @pytest.fixture(scope="session")
 def flwr_home(tmp_path_factory):
     """Environment for `flwr` commands with a private FLWR_HOME and private local ports.
