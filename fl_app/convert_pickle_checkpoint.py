@@ -30,6 +30,7 @@ from fl_app import checkpoint
 from fl_app.config import to_yaml
 from fl_app.errors import ConfigError
 from fl_app.run_files import FILE_MODE, write_private
+from fl_app.strategies.flower_adapter import FLOWER_STATE
 
 # Classes whose `_target_` moved since a run folder was written: old path -> today's.
 MOVED_TARGETS = {
@@ -45,8 +46,6 @@ NUMPY_REBUILDERS = {
     ("numpy", "dtype"), ("numpy", "ndarray"),
 }
 SAFE_BUILTINS = {"set", "frozenset", "complex", "slice", "range"}
-# Flower's strategies' state, by attribute (flower_adapter.FLOWER_STATE).
-FLOWER_STATE = ("m_t", "v_t", "current_arrays", "momentum_vector")
 
 
 class Placeholder:
