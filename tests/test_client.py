@@ -86,6 +86,17 @@ def test_client_refuses_arrays_of_the_wrong_count_or_shape():
         client.fit(params, {})
 
 
+def test_client_refuses_a_reply_kind_it_does_not_know_and_reports_its_steps():
+    # A server (another version, or one probing the client) asking for an unnamed reply kind
+    # gets one error, never a reply of some other kind; an honest reply counts its steps.
+    client = _client("local_epochs=2", "batch_size=32")
+    params = client.get_parameters({})
+    with pytest.raises(ValueError, match="different fl_app versions"):
+        client.fit(params, {"mode": "raw-data", "server-round": 1})
+    _, n, metrics = client.fit(params, {"mode": "weights", "server-round": 1})
+    assert metrics["num-steps"] == 2 * -(-n // 32)
+
+
 def test_torch_is_seeded_so_the_initial_model_is_reproducible():
     a, b = _client(), _client()
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(),
