@@ -218,6 +218,7 @@ SCHEMA: dict[str, Rule] = {
     "secagg.modulus_range": integer(ge=4),
     "secagg.max_weight": POSITIVE,
     "secagg.timeout": SECONDS.nullable(),
+    "secagg.noise": choice("central", "distributed"),
     # conf/stopping/
     "stopping._target_": TARGET,
     "stopping.target": number(gt=0, le=1),

@@ -75,6 +75,9 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
     test = load_dataset(cfg.dataset)
     x_test, y_test = test.x_test.to(on), test.y_test.to(on)  # once, not per round
     strategy = targets.build("strategy", cfg.strategy)
+    if cfg.secagg.get("noise", "central") == "distributed":  # checked: strategy is DPNoise
+        strategy.add_noise_on_clients(sum(a.size for a in get_weights(model).values()),
+                                      int(cfg.secagg.modulus_range))
     resumed = None
     if cfg.resume:  # checked against the model built from the config: array names and shapes
         resumed = checkpoint.load(out, model=get_weights(model))

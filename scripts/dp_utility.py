@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
@@ -34,6 +34,8 @@ from fl_app.models import get_weights, set_weights
 from fl_app.privacy.accounting import PrivacyBudgetExhausted
 from fl_app.privacy.client import from_config as client_privacy
 from fl_app.records import to_array_record
+from fl_app.secagg.client import answer
+from fl_app.secagg.protocol import MESSAGE_TYPE
 from fl_app.server_loop import train_round
 
 # One population and one local training recipe for every row; only the privacy differs.
@@ -65,10 +67,15 @@ ROWS = {
 
 
 class InProcessGrid:
-    """Just enough of Flower's Grid: node i is partition i - 1, answered by its TorchClient."""
+    """Just enough of Flower's Grid: node i is partition i - 1, answered by its TorchClient;
+    secure aggregation's stage messages by the ClientApp's own secagg code (each node keeps
+    its Context, as a SuperNode does)."""
 
     def __init__(self, clients: list[TorchClient]) -> None:
         self.clients = clients
+        self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={},
+                                      state=RecordDict(), run_config={})
+                         for nid in self.get_node_ids()}
 
     def get_node_ids(self) -> list[int]:
         return list(range(1, len(self.clients) + 1))
@@ -76,14 +83,22 @@ class InProcessGrid:
     def send_and_receive(self, messages, timeout: float | None = None) -> list[Message]:
         replies = []
         for msg in messages:
-            client = self.clients[msg.metadata.dst_node_id - 1]
-            params = [msg.content["arrays"][k].numpy() for k in client.keys]
-            arrays, n, metrics = client.fit(params, dict(msg.content["config"]))
-            content = RecordDict({
-                "arrays": to_array_record(dict(zip(client.keys, arrays, strict=True))),
-                "metrics": MetricRecord({**metrics, "num-examples": n})})
+            nid = msg.metadata.dst_node_id
+            if msg.metadata.message_type == MESSAGE_TYPE:
+                content = answer(msg.content, self.contexts[nid],
+                                 lambda c, client=self.clients[nid - 1]: fit(client, c))
+            else:
+                content = fit(self.clients[nid - 1], msg.content)
             replies.append(Message(content=content, reply_to=msg))
         return replies
+
+
+def fit(client: TorchClient, content: RecordDict) -> RecordDict:
+    """A train message's reply content, as the ClientApp builds it."""
+    params = [content["arrays"][k].numpy() for k in client.keys]
+    arrays, n, metrics = client.fit(params, dict(content["config"]))
+    return RecordDict({"arrays": to_array_record(dict(zip(client.keys, arrays, strict=True))),
+                       "metrics": MetricRecord({**metrics, "num-examples": n})})
 
 
 def build_clients(cfg: DictConfig) -> list[TorchClient]:

@@ -38,6 +38,7 @@ from fl_app.privacy.accounting import (
 )
 from fl_app.privacy.adaptive_clipping import QuantileClipNorm
 from fl_app.privacy.clipping import add_clipped_updates
+from fl_app.privacy.distributed import ClientNoise, DistributedAccount
 from fl_app.privacy.noise import GaussianNoise
 from fl_app.strategies.aggregation import MetricAverager, axpy
 from fl_app.strategies.base import SampledStrategy
@@ -112,6 +113,9 @@ class DPNoise(Strategy):
         # clients train (presample_noise).
         self._next_start: tuple[int, float, int, float | None, dict[str, np.ndarray]] | None = None
         self.noise = GaussianNoise(noise_seed)  # never checkpointed (noise.py)
+        # secagg.noise=distributed: the clients add the noise, and this account of who survived
+        # each round gives epsilon (add_noise_on_clients); None: the server adds it.
+        self.client_noise: DistributedAccount | None = None
         self.clipping = clipping
         self.adaptive_clip: QuantileClipNorm | None = None
         # The multiplier of the update's noise: sigma itself, unless the count shares the budget.
@@ -128,6 +132,19 @@ class DPNoise(Strategy):
     def use_client_pool(self, population: int) -> None:
         """Sample from `population` clients served by a pool of nodes (see SampledStrategy)."""
         self.inner.use_client_pool(population)
+
+    def add_noise_on_clients(self, dims: int, modulus: int) -> None:
+        """secagg.noise=distributed: the clients add the noise to what they mask
+        (fl_app.privacy.distributed), so this strategy never draws any; each round is
+        accounted for the clients that survived it (fewer survivors: less noise, more epsilon).
+        `dims`: the model's parameter count; `modulus`: secure aggregation's."""
+        if self.adaptive_clip is not None:
+            raise ValueError("distributed DP needs clipping=fixed: adaptive clipping needs "
+                             "each update's norm on the server.")
+        self.client_noise = DistributedAccount(
+            self.clip_norm, self.noise_multiplier, dims, self.sample_rate, self.delta, modulus,
+            max(round(self.expected_clients), 2))
+        self.epsilon = self._epsilon_after(self.rounds_done)
 
     def know_client_sizes(self, per_node: Mapping[int, int], largest: int | None) -> None:
         """Bound the replies' num-examples (see SampledStrategy); here they weigh only the
@@ -150,13 +167,17 @@ class DPNoise(Strategy):
         return self.inner.last_dropped
 
     def _epsilon_after(self, rounds: int) -> float:
+        if self.client_noise is not None:
+            return self.client_noise.epsilon()
         return epsilon_spent(self.noise_multiplier, self.sample_rate, rounds, self.delta)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Check the budget, then Poisson-sample clients and send them the global model."""
-        if self.max_epsilon is not None:
+        if self.max_epsilon is not None and self.client_noise is not None:
+            self.client_noise.check_budget(self.max_epsilon, self.num_clients)
+        elif self.max_epsilon is not None:
             check_budget(self.noise_multiplier, self.sample_rate, self.delta, self.max_epsilon,
                          self.rounds_done, self.num_clients)
         # The connected nodes, or with a client pool the population's client ids.
@@ -169,7 +190,8 @@ class DPNoise(Strategy):
         log(INFO, "configure_train (DP): Poisson-sampled %d of %d clients (q = %g)",
             len(chosen), len(candidates), self.sample_rate)
         messages = self.inner.build_train_messages(server_round, arrays, config, chosen)
-        self.presample_noise(server_round)  # while the clients train (below)
+        if self.client_noise is None:  # distributed DP: the server draws no noise at all
+            self.presample_noise(server_round)  # while the clients train (below)
         return messages
 
     def aggregate_train(
@@ -183,6 +205,9 @@ class DPNoise(Strategy):
         """
         if self.inner.current is None:
             raise RuntimeError("DPNoise.aggregate_train called before configure_train.")
+        if self.client_noise is not None:
+            raise RuntimeError("distributed DP releases only secure sums (release_secure_sum): "
+                               "individual replies carry no noise.")
         clip = self.clip_norm  # this round's C (adaptive clipping changes it afterwards)
         # The sum starts from this round's noise (drawn while the clients trained, used once),
         # and from W too where the step allows: no zero-filled buffer and no extra pass to add
@@ -248,10 +273,14 @@ class DPNoise(Strategy):
         self.noise.reseed(noise_seed)
 
     def state_dict(self) -> dict:
-        """Rounds already released (epsilon follows from them), the clip norm (adaptive
-        clipping moves it) and the inner strategy's state. Never the noise generator."""
-        return {"rounds_done": self.rounds_done, "clip_norm": self.clip_norm,
-                "inner": self.inner.state_dict()}
+        """Rounds already released (epsilon follows from them; with distributed DP, from who
+        survived each), the clip norm (adaptive clipping moves it) and the inner strategy's
+        state. Never the noise generator."""
+        state = {"rounds_done": self.rounds_done, "clip_norm": self.clip_norm,
+                 "inner": self.inner.state_dict()}
+        if self.client_noise is not None:
+            state["client_noise_rounds"] = self.client_noise.state()
+        return state
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore what `state_dict` returned; epsilon is recomputed from the rounds done."""
@@ -259,6 +288,8 @@ class DPNoise(Strategy):
         self.clip_norm = float(state["clip_norm"])
         if self.adaptive_clip is not None:
             self.adaptive_clip.value = self.clip_norm
+        if self.client_noise is not None:
+            self.client_noise.load_state(state.get("client_noise_rounds", []))
         self.epsilon = self._epsilon_after(self.rounds_done)
         self.inner.load_state_dict(state["inner"])
 
@@ -274,8 +305,11 @@ class DPNoise(Strategy):
         after the replies; (None, noise/m) otherwise. Adding the updates to W rather than to a
         sum of their own rounds each to W's float32 spacing (~4e-9 for weights near 0.05), far
         below the noise's std."""
-        noise = self.noise.like(self.inner.current, self.update_noise_multiplier * clip,
-                                self.expected_clients)
+        if self.client_noise is not None:  # the clients' noise is in the sum already
+            noise = {k: np.zeros_like(w) for k, w in self.inner.current.items()}
+        else:
+            noise = self.noise.like(self.inner.current, self.update_noise_multiplier * clip,
+                                    self.expected_clients)
         step = self.inner.update_step()
         if step is not None:
             for key, weights in self.inner.current.items():
@@ -304,15 +338,27 @@ class DPNoise(Strategy):
 
     def release_secure_sum(self, server_round: int, clipped_sum: dict[str, np.ndarray] | None,
                            num_clients: int, num_examples: int, num_clipped: int,
-                           client_metrics: MetricRecord) -> tuple[ArrayRecord, MetricRecord]:
+                           client_metrics: MetricRecord,
+                           noised: ClientNoise | None = None) -> tuple[ArrayRecord, MetricRecord]:
         """`aggregate_train` for secure aggregation (fl_app.secagg): the clients clipped their
         own updates to clip_norm and the server holds only their sum (None: nobody sampled),
         and the clients' mean metrics. The same N(0, sigma^2 C^2) noise, denominator q*N and
-        accounting are applied to it."""
+        accounting are applied to it.
+
+        With distributed DP the sum is already noised by the clients (`noised` says how: the
+        round's survivors, threshold and cohort): the server adds nothing, and epsilon follows
+        from the noise the survivors added."""
         if self.adaptive_clip is not None:
             raise ValueError("Adaptive clipping needs each update's norm, which secure "
                              "aggregation hides: use clipping=fixed.")
-        step, total = self._take_sum_start(server_round, self.clip_norm)
+        if self.client_noise is not None:
+            if noised is None and clipped_sum is not None:
+                raise ValueError("distributed DP: a secure sum arrived without the clients' "
+                                 "noise; refusing to release it un-noised.")
+            step, total = self._sum_start(self.clip_norm)
+            self.client_noise.record(noised)
+        else:
+            step, total = self._take_sum_start(server_round, self.clip_norm)
         weight = (1.0 if step is None else step) / self.expected_clients
         for key, acc in total.items():
             if clipped_sum is not None:
@@ -327,7 +373,8 @@ class DPNoise(Strategy):
             **averager.record(), "num-clients": num_clients, "num-clipped": num_clipped,
             "epsilon": self.epsilon, "delta": self.delta, "clip-norm": self.clip_norm,
             "noise-multiplier": self.noise_multiplier,
-            "update-noise-multiplier": self.update_noise_multiplier})
+            "update-noise-multiplier": self.update_noise_multiplier,
+            **({} if self.client_noise is None else self.client_noise.last_metrics())})
         log(INFO, "DP round %s (secure sum): %d update(s), %d clipped; epsilon = %.4g "
             "(delta = %g)", server_round, num_clients, num_clipped, self.epsilon, self.delta)
         return self.inner.to_record(new_global), metrics_out
@@ -338,6 +385,8 @@ class DPNoise(Strategy):
         were (the accountant's epsilon only grows), so the epsilon reported never undercounts
         a round whose cohort depended on who was sampled."""
         self._next_start = None  # this round's presampled noise is never used
+        if self.client_noise is not None:
+            self.client_noise.record(None)  # counted at the least noise a round can have
         self.rounds_done += 1
         self.epsilon = self._epsilon_after(self.rounds_done)
         log(INFO, "DP round %s (secure sum): skipped, nothing released; epsilon = %.4g "

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from fl_app.strategies import features
 
 NAMES = ("none", "secaggplus")
+# Who adds central DP's noise: the server to the unmasked sum ("central"), or each client to
+# its own vector before masking, so that the unmasked sum is already noised ("distributed",
+# fl_app.privacy.distributed).
+NOISE_MODES = ("central", "distributed")
 
 # The smallest ring: with k = num_shares share holders (the client itself included) a plan
 # must satisfy 2t >= k + 2 (below) and should survive a dropout (t <= k - 1): k = 5, t = 4.
@@ -44,6 +48,7 @@ class SecAggSettings:
     modulus_range: int = 2**32
     max_weight: float = 1000.0
     timeout: float | None = None
+    noise: str = "central"
 
     @classmethod
     def from_config(cls, section: Mapping) -> SecAggSettings:
@@ -110,6 +115,7 @@ def settings_problem(s: SecAggSettings) -> str | None:
         ("quantization_range", s.quantization_range >= s.max_weight,
          f"an integer >= max_weight = {s.max_weight:g}, so that a client of one example "
          "weighs at least one quantization step"),
+        ("noise", s.noise in NOISE_MODES, " or ".join(NOISE_MODES)),
         ("timeout", s.timeout is None or (isinstance(s.timeout, int | float) and s.timeout > 0),
          "null (round_timeout) or > 0 seconds"),
     ]
@@ -163,6 +169,10 @@ def config_problem(cfg: Mapping) -> str | None:
                 "aggregation reveals only the sum. Use fedavg, fedsgd, fedprox, fedadam, "
                 "fedyogi, dp_fedavg or dp_fedsgd, or secagg=none.")
     central_dp = supports["central_dp"]
+    if section.get("noise", "central") == "distributed" and not central_dp:
+        return (f"secagg.noise=distributed makes each client add its share of central DP's "
+                f"noise, but strategy {short} adds no DP noise: use strategy=dp_fedavg or "
+                "dp_fedsgd, or secagg.noise=central.")
     if central_dp and strategy.get("clipping", "fixed") != "fixed":
         return ("secagg=secaggplus cannot run with adaptive clipping (dp_fedavg_adaptive): it "
                 "counts on the server the updates whose norm is below C, which needs each "

@@ -33,17 +33,22 @@ HEADER = 3  # q_ratio, num_examples, clipped: integer entries, added without qua
 
 
 def encode(update: list[np.ndarray], metrics: list[float], ratio: float, num_examples: int,
-           s: SecAggSettings) -> np.ndarray:
-    """The client's unmasked vector (int64) for `ratio`-weighted `update` and `metrics`."""
+           s: SecAggSettings, integers: np.ndarray | None = None) -> np.ndarray:
+    """The client's unmasked vector (int64) for `ratio`-weighted `update` and `metrics`.
+
+    `integers`: the update already encoded as integers in [0, modulus_range) by distributed
+    DP (fl_app.privacy.distributed; `update` is then ignored): appended as they are."""
     q_ratio = round(ratio * s.quantization_range)
     scale = q_ratio / s.quantization_range
     values = np.concatenate([np.asarray(metrics, dtype=np.float64),
-                             *(np.asarray(a, dtype=np.float64).ravel() for a in update)])
+                             *(np.asarray(a, dtype=np.float64).ravel()
+                               for a in (update if integers is None else ()))])
     values *= scale
     clipped = int(np.count_nonzero(np.abs(values) > s.clipping_range))
     quantized = quantize([values], s.clipping_range, s.quantization_range)[0]
     return np.concatenate([np.array([q_ratio, int(num_examples), clipped], dtype=np.int64),
-                           quantized.astype(np.int64)])
+                           quantized.astype(np.int64),
+                           *(() if integers is None else (integers.astype(np.int64),))])
 
 
 def prg(seed: bytes, length: int) -> np.ndarray:
@@ -69,13 +74,17 @@ def mask(vector: np.ndarray, private_seed: bytes, pairwise: list[tuple[bytes, in
     return masked
 
 
-def decode(total: np.ndarray, num_clients: int, num_metrics: int, s: SecAggSettings
-           ) -> tuple[float, int, int, np.ndarray, np.ndarray]:
+def decode(total: np.ndarray, num_clients: int, num_metrics: int, s: SecAggSettings,
+           integers: bool = False) -> tuple[float, int, int, np.ndarray, np.ndarray]:
     """(Σ ratio', Σ num_examples, values clipped, Σ ratio'·metrics, Σ ratio'·update (flat))
-    from the unmasked sum (uint32, wrapped) of `num_clients` vectors."""
+    from the unmasked sum (uint32, wrapped) of `num_clients` vectors. `integers`: the update
+    part was encoded by distributed DP and is returned as the summed integers mod
+    modulus_range (int64), for fl_app.privacy.distributed to decode."""
     total = (total & np.uint32(s.modulus_range - 1)).astype(np.int64)
     weight = float(total[0]) / s.quantization_range
+    quantized = total[HEADER:HEADER + num_metrics] if integers else total[HEADER:]
     # Each client's quantized value is (v + c)·Q/2c: the n shifts of c come off once.
-    values = dequantize([total[HEADER:]], s.clipping_range, s.quantization_range)[0]
+    values = dequantize([quantized], s.clipping_range, s.quantization_range)[0]
     values -= (num_clients - 1) * s.clipping_range
-    return (weight, int(total[1]), int(total[2]), values[:num_metrics], values[num_metrics:])
+    update = total[HEADER + num_metrics:] if integers else values[num_metrics:]
+    return (weight, int(total[1]), int(total[2]), values[:num_metrics], update)
