@@ -342,46 +342,66 @@ def round_rdp(params: DistributedParams, survivors: int,
                        orders)
 
 
+def _log_binomials(top: int) -> np.ndarray:
+    """log C(a, l) for 0 <= l <= a <= top (-inf above the diagonal)."""
+    log_factorial = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, top + 1)))])
+    a, k = np.arange(top + 1)[:, None], np.arange(top + 1)[None, :]
+    with np.errstate(invalid="ignore"):
+        table = log_factorial[a] - log_factorial[k] - log_factorial[np.maximum(a - k, 0)]
+    return np.where(k <= a, table, -np.inf)
+
+
 def subsampled_rdp(rdp_of_order: Callable[[int], float] | Sequence[float], sample_rate: float,
                    orders: Sequence[int] = RDP_ORDERS) -> np.ndarray:
-    """RDP, at each integer order, of a mechanism run on a Poisson sample (rate q) of clients.
+    """RDP, at each integer order a, of a mechanism run on a Poisson sample (rate q) of clients,
+    for any mechanism whose RDP is eps(l) in both directions (P||Q and Q||P).
 
-    Zhu & Wang 2019 ("Poisson subsampled Renyi DP", Thm. 6), valid for any mechanism:
-    (a-1) eps'(a) <= log[(1-q)^(a-1) (a q - q + 1) + C(a,2) q^2 (1-q)^(a-2) e^eps(2)
-                         + 3 sum_{l=3}^{a} C(a,l) q^l (1-q)^(a-l) e^((l-1) eps(l))],
-    capped by the un-subsampled eps(a) (sampling never hurts). `rdp_of_order` is a function
-    of the order, or the values at `orders`, which must then hold every integer from 2 up.
+    Neighbours give the mixture M = (1-q) Q + q P against Q, both ways; with r = P/Q:
+    - D_a(M||Q): E_Q[(1 - q + q r)^a] = sum_l C(a,l) (1-q)^(a-l) q^l e^((l-1) eps_l) (every
+      coefficient is positive, so eps_l's upper bounds give an upper bound; the Gaussian's
+      exact value when eps is the Gaussian's, Mironov et al. 2019);
+    - D_a(Q||M): E_Q[g(u)] with g(u) = (1 + u)^-(a-1), u = q (r - 1) >= -q. For u >= 0,
+      g(u) <= 1 - (a-1) u + C(a,2) u^2 (Taylor, the cubic remainder is negative); on
+      [-q, 0), g(u) - 1 + (a-1) u is a power series in -u with positive coefficients, so it
+      is <= c u^2 with c = ((1-q)^-(a-1) - 1 - (a-1) q) / q^2 >= C(a,2). With E_Q[u] = 0
+      and E_Q[u^2] = q^2 (e^eps_2 - 1): E_Q[g] <= 1 + ((1-q)^-(a-1) - 1 - (a-1) q) (e^eps_2 - 1).
+    The result is the smaller of max(those two) and Zhu & Wang 2019's general bound (Thm. 6:
+    the first sum with the l >= 3 terms tripled), capped by eps(a) itself (sampling never
+    hurts). `rdp_of_order` is a function of the order, or the values at `orders`, which must
+    then hold every integer from 2 up.
     """
     order_list = [int(a) for a in orders]
     if any(a != b or a < 2 for a, b in zip(order_list, orders, strict=True)):
         raise ValueError(f"orders must be integers >= 2, got {list(orders)[:5]}...")
+    top = max(order_list)
     if callable(rdp_of_order):
-        eps = {a: float(rdp_of_order(a)) for a in range(2, max(order_list) + 1)}
+        eps = {a: float(rdp_of_order(a)) for a in range(2, top + 1)}
     else:
         eps = dict(zip(order_list, (float(e) for e in rdp_of_order), strict=True))
-        missing = sorted(set(range(2, max(order_list) + 1)) - eps.keys())
+        missing = sorted(set(range(2, top + 1)) - eps.keys())
         if missing:
             raise ValueError(f"rdp values are needed at every integer order from 2; missing "
                              f"{missing[:5]}: pass a function of the order instead")
     if not (isinstance(sample_rate, int | float) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    unsampled = np.array([eps[a] for a in order_list])
     q = float(sample_rate)
-    result = []
-    for a in order_list:
-        if q == 1:
-            result.append(eps[a])
-            continue
-        ls = np.arange(3, a + 1)
-        log_binom = [math.lgamma(a + 1) - math.lgamma(k + 1) - math.lgamma(a - k + 1)
-                     for k in ls]
-        terms = [(a - 1) * math.log1p(-q) + math.log(a * q - q + 1),
-                 math.log(a * (a - 1) / 2) + 2 * math.log(q) + (a - 2) * math.log1p(-q)
-                 + eps[2]]
-        terms += [math.log(3) + lb + k * math.log(q) + (a - k) * math.log1p(-q)
-                  + (k - 1) * eps[int(k)] for lb, k in zip(log_binom, ls, strict=True)]
-        bound = float(np.logaddexp.reduce(terms)) / (a - 1)
-        result.append(min(bound, eps[a]))
-    return np.array(result)
+    if q == 1:
+        return unsampled
+    a = np.array(order_list, dtype=np.float64)
+    ls = np.arange(top + 1, dtype=np.float64)
+    # (l - 1) eps_l, with E_Q[r^0] = E_Q[r^1] = 1.
+    moment = np.array([0.0, 0.0] + [(l - 1) * eps[l] for l in range(2, top + 1)])
+    terms = (_log_binomials(top)[order_list] + ls * math.log(q)
+             + (a[:, None] - ls) * math.log1p(-q) + moment)  # -inf where l > a
+    removal = np.logaddexp.reduce(terms, axis=1)
+    tripled = np.where(ls >= 3, math.log(3), 0.0)
+    zhu_wang = np.logaddexp.reduce(terms + tripled, axis=1)
+    with np.errstate(over="ignore"):  # an infinite bound is still a bound (the min drops it)
+        second = np.expm1(eps[2])
+        addition = np.log1p(((1 - q) ** -(a - 1) - 1 - (a - 1) * q) * second)
+    bound = np.minimum(np.maximum(removal, addition), zhu_wang) / (a - 1)
+    return np.minimum(bound, unsampled)
 
 
 @lru_cache(maxsize=256)
