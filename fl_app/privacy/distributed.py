@@ -391,7 +391,7 @@ def subsampled_rdp(rdp_of_order: Callable[[int], float] | Sequence[float], sampl
     a = np.array(order_list, dtype=np.float64)
     ls = np.arange(top + 1, dtype=np.float64)
     # (l - 1) eps_l, with E_Q[r^0] = E_Q[r^1] = 1.
-    moment = np.array([0.0, 0.0] + [(l - 1) * eps[l] for l in range(2, top + 1)])
+    moment = np.array([0.0, 0.0] + [(k - 1) * eps[k] for k in range(2, top + 1)])
     terms = (_log_binomials(top)[order_list] + ls * math.log(q)
              + (a[:, None] - ls) * math.log1p(-q) + moment)  # -inf where l > a
     removal = np.logaddexp.reduce(terms, axis=1)
