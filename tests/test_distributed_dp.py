@@ -275,3 +275,12 @@ def test_noise_the_sampler_cannot_draw_exactly_is_refused():
         dd.client_encode([np.zeros(1000)], params, SEED, np.random.default_rng(0))
     calibrated = dd.calibrate(1.0, 1.0, 100_000, threshold=20, max_clients=50)
     assert calibrated.client_variance / 2 <= dd.MAX_POISSON_RATE
+
+
+def test_no_wrap_at_the_default_modulus_when_max_clients_align_their_updates():
+    params = dd.calibrate(1.0, 1.0, 16_384, threshold=20, max_clients=50)
+    assert params.modulus == 2**32
+    assert dd.wrap_probability(params, 50) <= dd.WRAP_PROBABILITY
+    error, along = _error_along(_aligned_attack(params, SEED, 50), params)
+    assert abs(along) < 7 * params.noise_std(50)
+    assert np.std(error) == pytest.approx(params.noise_std(50), rel=0.05)

@@ -3,8 +3,8 @@ sum secure aggregation unmasks is already private (numpy only: both sides import
 
 A client clips its update to L2 norm C, scales it by gamma, pads it to a power of 2 and rotates
 it with a randomized Hadamard transform (random signs from the round's public rotation seed,
-then the normalised Walsh-Hadamard transform: the rotation spreads the norm evenly, so no
-coordinate is much larger than gamma*C/sqrt(d') and the modulus can be used for precision).
+then the normalised Walsh-Hadamard transform: an honest update's coordinates come out near
+gamma*C/sqrt(d') each; the wrap bound below does not count on it, see there).
 It rounds each coordinate up or down at random (unbiased) and retries until the rounded
 vector's norm is <= Delta_2 (conditional randomized rounding, Kairouz, Liu, Steinke 2021,
 arXiv 2102.06387, Thm. 4.1), adds symmetric Skellam noise Sk = Poisson(v/2) - Poisson(v/2)
@@ -18,9 +18,10 @@ noise share carries no data and stays). Zero rounds to zero exactly, so the sens
 Delta_2 and Delta_1 of the rounded vector, exactly (not w.h.p.). Skellam RDP (Agarwal, Kairouz,
 Liu 2021, arXiv 2110.04995, Thm. 3.5, written with the variance mu = 2*lambda):
     eps(a) <= a*D2**2/(2 mu) + min(((2a - 1)*D2**2 + 6*D1)/(4 mu**2), 3*D1/(2 mu)).
-Poisson subsampling (Zhu & Wang 2019, Thm. 6) amplifies it only against whoever does not know
-whether the client took part: the server does know its cohort, so against the server the
-guarantee is the un-subsampled one over the rounds the client was in (`sample_rate=1`).
+Poisson subsampling (`subsampled_rdp`: a bound for any mechanism, both directions) amplifies
+it only against whoever does not know whether the client took part: the server knows its
+cohort, so against the server the guarantee is the un-subsampled one over the rounds the
+client was in (`sample_rate=1`). The noise level of a sum also tells its number of survivors.
 
 Modular wrap (`wrap_probability`): the centred sum leaves [-m/2, m/2) only if, in some of the
 d' coordinates, |data| + |rounding| + |noise| > m/2 - 1. The data bound is deterministic: a
