@@ -284,3 +284,13 @@ def test_no_wrap_at_the_default_modulus_when_max_clients_align_their_updates():
     error, along = _error_along(_aligned_attack(params, SEED, 50), params)
     assert abs(along) < 7 * params.noise_std(50)
     assert np.std(error) == pytest.approx(params.noise_std(50), rel=0.05)
+
+
+def test_decode_reads_the_sum_in_any_integer_dtype_modulo_the_modulus():
+    params = dd.calibrate(1.0, 1.0, 300, threshold=2, max_clients=4)
+    rng = np.random.default_rng(6)
+    total = _sum_of_encoded([rng.normal(size=300) * 0.01 for _ in range(3)], params)
+    expected = dd.server_decode(total, params, SEED)
+    as_int64 = total.astype(np.int64)
+    for same in (as_int64 - 2**32, as_int64 + 3 * 2**32, as_int64.astype(np.uint64) + 2**63):
+        assert np.array_equal(dd.server_decode(same, params, SEED), expected)

@@ -319,8 +319,10 @@ def server_decode(total: np.ndarray, params: DistributedParams,
     if total.shape != (params.padded_dims,) or not np.issubdtype(total.dtype, np.integer):
         raise ValueError(f"the sum must be an integer vector of length padded_dims = "
                          f"{params.padded_dims}, got {total.dtype}{list(total.shape)}")
-    # Reduce in the input's own dtype first: uint64 values above 2**63 do not fit int64.
-    reduced = (total & total.dtype.type(params.modulus - 1)).astype(np.int64)
+    if np.issubdtype(total.dtype, np.unsignedinteger):  # uint64 above 2**63 would not fit int64
+        reduced = (total.astype(np.uint64) & np.uint64(params.modulus - 1)).astype(np.int64)
+    else:
+        reduced = np.mod(total.astype(np.int64), params.modulus)
     centred = np.where(reduced >= params.modulus // 2, reduced - params.modulus, reduced)
     return unrotate(centred.astype(np.float64), rotation_seed)[:params.dims] / params.scale
 
