@@ -248,7 +248,7 @@ def test_client_refuses_a_request_whose_noise_does_not_follow_from_its_settings(
     assert "agreed to" in dd.params_problem(params, min_noise_multiplier=2.0)
     few = dd.calibrate(1.0, 1.0, 1000, threshold=2, max_clients=20)
     assert "threshold 2 is below" in dd.params_problem(few, min_threshold=10)
-    huge = dd._params(1.0, 1.0, 1000, 10, 20, 2**16, dd.BETA, 1e4)  # consistent, but wraps
+    huge = dd.derive_params(1.0, 1.0, 1000, 10, 20, 2**16, dd.BETA, 1e4)  # consistent, but wraps
     assert "would wrap" in dd.params_problem(huge)
     assert "expected DistributedParams" in dd.params_problem({"scale": 1.0})
 
@@ -269,7 +269,7 @@ def test_encode_and_decode_refuse_malformed_vectors():
 
 
 def test_noise_the_sampler_cannot_draw_exactly_is_refused():
-    params = dd._params(1.0, 1.0, 1000, 10, 20, 2**32, dd.BETA, 1e9)
+    params = dd.derive_params(1.0, 1.0, 1000, 10, 20, 2**32, dd.BETA, 1e9)
     assert "sampler is inexact" in dd.params_problem(params)
     with pytest.raises(ValueError, match="above what the sampler draws exactly"):
         dd.client_encode([np.zeros(1000)], params, SEED, np.random.default_rng(0))

@@ -124,8 +124,10 @@ def _rounding_l2_bound(scaled_clip: float, padded_dims: int, beta: float) -> flo
     return math.sqrt(squared)
 
 
-def _params(clip_norm: float, noise_multiplier: float, dims: int, threshold: int,
-            max_clients: int, modulus: int, beta: float, scale: float) -> DistributedParams:
+def derive_params(clip_norm: float, noise_multiplier: float, dims: int, threshold: int,
+                  max_clients: int, modulus: int, beta: float, scale: float) -> DistributedParams:
+    """The parameters that follow from the settings and a scale gamma (unchecked: `calibrate`
+    checks and picks gamma; a client can derive the rest from a server's settings itself)."""
     padded = 1 << (dims - 1).bit_length()
     l2 = _rounding_l2_bound(scale * clip_norm, padded, beta)
     return DistributedParams(
@@ -168,7 +170,7 @@ def calibrate(clip_norm: float, noise_multiplier: float, dims: int, threshold: i
         raise ValueError(f"max_wrap_probability must be in (0, 1), got {max_wrap_probability!r}")
 
     def fits(scale: float) -> bool:
-        p = _params(clip_norm, noise_multiplier, dims, threshold, max_clients, modulus, beta,
+        p = derive_params(clip_norm, noise_multiplier, dims, threshold, max_clients, modulus, beta,
                     scale)
         return (p.client_variance / 2 <= MAX_POISSON_RATE
                 and wrap_probability(p, max_clients) <= max_wrap_probability)
@@ -189,7 +191,7 @@ def calibrate(clip_norm: float, noise_multiplier: float, dims: int, threshold: i
         low, high = (mid, high) if fits(mid) else (low, mid)
         if high / low < 1 + 1e-6:
             break
-    return _params(clip_norm, noise_multiplier, dims, threshold, max_clients, modulus, beta,
+    return derive_params(clip_norm, noise_multiplier, dims, threshold, max_clients, modulus, beta,
                    low)
 
 
@@ -212,7 +214,7 @@ def params_problem(params: object, *, dims: int | None = None,
         return problem
     if not _is_positive(p.scale):
         return f"scale must be a positive finite number, got {p.scale!r}"
-    expected = _params(p.clip_norm, p.noise_multiplier, p.dims, p.threshold, p.max_clients,
+    expected = derive_params(p.clip_norm, p.noise_multiplier, p.dims, p.threshold, p.max_clients,
                        p.modulus, p.beta, p.scale)
     for name in ("padded_dims", "l2_bound", "l1_bound", "client_variance"):
         got, want = getattr(p, name), getattr(expected, name)
