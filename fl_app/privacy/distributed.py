@@ -437,3 +437,121 @@ def epsilon_spent(params: DistributedParams, survivors_per_round: Sequence[int],
                              f"{survivors!r}")
         total += _subsampled_round(params, int(survivors), float(sample_rate), RDP_ORDERS)
     return float(compute_epsilon(RDP_ORDERS, total, delta)[0])
+
+
+# ------------------------------------------------------------------------------------------
+# The server's account of a run whose noise the clients add (DPNoise with
+# secagg.noise=distributed): which rounds released what noise, and so what epsilon.
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientNoise:
+    """How the clients noised one round's secure sum: the `survivors` whose vectors (and so
+    noise) are in it, the threshold `t` they calibrated for, and the `cohort` the round's
+    scale allowed for (calibrate's max_clients)."""
+
+    survivors: tuple[int, ...]  # their node ids
+    threshold: int
+    cohort: int
+
+
+class DistributedAccount:
+    """epsilon of the rounds released so far, from the noise their survivors actually added.
+
+    `epsilon` (Poisson-subsampled at rate q) is the guarantee of the released models, the one
+    `max_epsilon` budgets, as for central DP. `epsilon_vs_server` is the guarantee against
+    the server, which knows each cohort: no subsampling, over the rounds the most exposed
+    client survived. A round that released nothing (skipped) or the round a budget check looks
+    ahead to counts at the least noise a completed round can carry: t survivors of t.
+    """
+
+    def __init__(self, clip_norm: float, noise_multiplier: float, dims: int,
+                 sample_rate: float, delta: float, modulus: int, expected_cohort: int) -> None:
+        self.settings = (float(clip_norm), float(noise_multiplier), int(dims), int(modulus))
+        self.sample_rate, self.delta = float(sample_rate), float(delta)
+        self.expected_cohort = int(expected_cohort)
+        self.rounds: list[ClientNoise | None] = []
+        self._params(self.expected_cohort, self.expected_cohort)  # refuse bad settings now
+
+    def _params(self, threshold: int, cohort: int) -> DistributedParams:
+        return _calibrated(*self.settings, int(threshold), int(cohort))
+
+    def _rounds_rdp(self, rounds: Sequence[ClientNoise | None], rate: float) -> np.ndarray:
+        total = np.zeros(len(RDP_ORDERS))
+        for noised in rounds:
+            if noised is None:  # the least noise a completed round carries
+                n = t = cohort = self.expected_cohort
+            else:
+                n, t, cohort = len(noised.survivors), noised.threshold, noised.cohort
+            total += _subsampled_round(self._params(t, cohort), n, rate, RDP_ORDERS)
+        return total
+
+    def _epsilon(self, rdp: np.ndarray) -> float:
+        if not rdp.any():
+            return 0.0
+        from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+        return float(compute_epsilon(RDP_ORDERS, rdp, self.delta)[0])
+
+    def record(self, noised: ClientNoise | None) -> None:
+        """Account one released round (None: a round that released nothing but counts)."""
+        self.rounds.append(noised)
+
+    def epsilon(self, lookahead: int = 0) -> float:
+        """epsilon of the released models after the recorded rounds (and `lookahead` more at
+        the least noise)."""
+        return self._epsilon(self._rounds_rdp([*self.rounds, *[None] * lookahead],
+                                              self.sample_rate))
+
+    def epsilon_vs_server(self) -> float:
+        """The largest epsilon of one client against the server: its rounds, unsampled."""
+        taken: dict[int, list[ClientNoise]] = {}
+        for noised in self.rounds:
+            for node in () if noised is None else noised.survivors:
+                taken.setdefault(node, []).append(noised)
+        patterns = {tuple(id(r) for r in rounds): rounds for rounds in taken.values()}
+        return max((self._epsilon(self._rounds_rdp(rounds, 1.0))
+                    for rounds in patterns.values()), default=0.0)
+
+    def check_budget(self, max_epsilon: float, num_clients: int) -> None:
+        """Raise PrivacyBudgetExhausted when one more round could take epsilon above
+        `max_epsilon` (the next round counted at the least noise it can carry)."""
+        from fl_app.privacy.accounting import PrivacyBudgetExhausted
+
+        after = self.epsilon(lookahead=1)
+        if after > max_epsilon:
+            raise PrivacyBudgetExhausted(
+                f"Privacy budget exhausted after {len(self.rounds)} round(s) of distributed "
+                f"DP: epsilon is {self.epsilon():.4g} now and could be {after:.4g} after the "
+                f"next, above max_epsilon = {max_epsilon:g} (delta = {self.delta:g}). For more "
+                f"rounds raise noise_multiplier (now {self.settings[1]:g}), lower "
+                f"fraction_train (now {self.sample_rate:g}), train with more clients "
+                f"(num_clients, now {num_clients}), or raise max_epsilon.")
+
+    def last_metrics(self) -> dict[str, float]:
+        """The last round's noise, for its metrics row."""
+        last = self.rounds[-1] if self.rounds else None
+        metrics = {"epsilon-vs-server": self.epsilon_vs_server()}
+        if last is not None:
+            params = self._params(last.threshold, last.cohort)
+            metrics |= {"noise-survivors": len(last.survivors),
+                        "noise-threshold": last.threshold,
+                        "noise-std": params.noise_std(len(last.survivors))}
+        return metrics
+
+    def state(self) -> list:
+        """The rounds as JSON-able lists (a checkpoint's): [survivor ids, t, cohort] or []."""
+        return [[] if r is None else [list(r.survivors), r.threshold, r.cohort]
+                for r in self.rounds]
+
+    def load_state(self, state: Sequence) -> None:
+        """Restore what `state` returned."""
+        self.rounds = [None if not r else ClientNoise(tuple(int(i) for i in r[0]), int(r[1]),
+                                                      int(r[2])) for r in state]
+
+
+@lru_cache(maxsize=256)
+def _calibrated(clip_norm: float, noise_multiplier: float, dims: int, modulus: int,
+                threshold: int, cohort: int) -> DistributedParams:
+    return calibrate(clip_norm, noise_multiplier, dims, threshold, cohort, modulus)
