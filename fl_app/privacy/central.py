@@ -7,7 +7,7 @@ clipped updates are summed, Gaussian noise N(0, sigma^2 C^2) is added to every c
 sum, and the sum is divided by the *expected* number of clients m = q * num_clients. Adding or
 removing one client changes the sum by at most C, and the fixed denominator means the number of
 replies itself reveals nothing, so every round is exactly the sampled Gaussian mechanism that
-`accounting.epsilon_spent` accounts for.
+`accounting.epsilons` accounts for (RDP and PLD; the tighter is reported as `epsilon`).
 
 With `clipping="adaptive"` C is not fixed: it follows a target quantile of the update norms
 (Andrew et al. 2019, `adaptive_clipping.py`) from a noised count of unclipped clients that is
@@ -32,8 +32,9 @@ from flwr.serverapp.strategy import Strategy
 from fl_app.messages import DELTA
 from fl_app.privacy import settings
 from fl_app.privacy.accounting import (
+    Epsilon,
     check_budget,
-    epsilon_spent,
+    epsilons,
     update_noise_multiplier,
 )
 from fl_app.privacy.adaptive_clipping import QuantileClipNorm
@@ -107,7 +108,8 @@ class DPNoise(Strategy):
         self.max_epsilon = None if max_epsilon is None else float(max_epsilon)
         self.sample_rate = float(strategy.fraction_train)
         self.rounds_done = 0
-        self.epsilon = 0.0
+        self.epsilon = 0.0  # the tighter of the two accountants' (self.epsilons)
+        self.epsilons = Epsilon(0.0, 0.0)
         # (round, C, global model's id, step a, buffer) of the next release, drawn while the
         # clients train (presample_noise).
         self._next_start: tuple[int, float, int, float | None, dict[str, np.ndarray]] | None = None
@@ -149,8 +151,11 @@ class DPNoise(Strategy):
         """Reasons for the replies dropped in the last aggregated round."""
         return self.inner.last_dropped
 
-    def _epsilon_after(self, rounds: int) -> float:
-        return epsilon_spent(self.noise_multiplier, self.sample_rate, rounds, self.delta)
+    def _account(self) -> None:
+        """Epsilon after the rounds done, from the RDP and the PLD accountants."""
+        self.epsilons = epsilons(self.noise_multiplier, self.sample_rate, self.rounds_done,
+                                 self.delta)
+        self.epsilon = self.epsilons.value
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -198,11 +203,12 @@ class DPNoise(Strategy):
                       else self.inner.commit(total))
 
         self.rounds_done += 1
-        self.epsilon = self._epsilon_after(self.rounds_done)
+        self._account()
         metrics_out = averager.record()
         metrics_out["num-dropped"] = len(self.inner.last_dropped)
         metrics_out["num-clipped"] = num_clipped
-        metrics_out["epsilon"] = self.epsilon
+        for key, value in self.epsilons.metrics().items():
+            metrics_out[key] = value
         metrics_out["delta"] = self.delta
         metrics_out["clip-norm"] = clip
         metrics_out["noise-multiplier"] = self.noise_multiplier
@@ -213,8 +219,8 @@ class DPNoise(Strategy):
             self.clip_norm = self.adaptive_clip.value
             metrics_out["unclipped-fraction"] = fraction  # noised: part of the DP release
             metrics_out["clipped-count-stddev"] = self.adaptive_clip.count_stddev
-        log(INFO, "DP round %s: %d update(s), %d clipped; epsilon = %.4g (delta = %g)",
-            server_round, averager.num_clients, num_clipped, self.epsilon, self.delta)
+        log(INFO, "DP round %s: %d update(s), %d clipped; epsilon = %s (delta = %g)",
+            server_round, averager.num_clients, num_clipped, self.epsilons, self.delta)
         return self.inner.to_record(new_global), metrics_out
 
     def configure_evaluate(
@@ -259,7 +265,7 @@ class DPNoise(Strategy):
         self.clip_norm = float(state["clip_norm"])
         if self.adaptive_clip is not None:
             self.adaptive_clip.value = self.clip_norm
-        self.epsilon = self._epsilon_after(self.rounds_done)
+        self._account()
         self.inner.load_state_dict(state["inner"])
 
     # ----------------------------------------------------------------------------------------
@@ -320,16 +326,16 @@ class DPNoise(Strategy):
         new_global = (self.inner.apply_update(total) if step is None
                       else self.inner.commit(total))
         self.rounds_done += 1
-        self.epsilon = self._epsilon_after(self.rounds_done)
+        self._account()
         averager = MetricAverager(self.inner.client_epsilon_max)  # client-side DP's worst ε
         averager.add(num_examples, client_metrics)
         metrics_out = MetricRecord({
             **averager.record(), "num-clients": num_clients, "num-clipped": num_clipped,
-            "epsilon": self.epsilon, "delta": self.delta, "clip-norm": self.clip_norm,
+            **self.epsilons.metrics(), "delta": self.delta, "clip-norm": self.clip_norm,
             "noise-multiplier": self.noise_multiplier,
             "update-noise-multiplier": self.update_noise_multiplier})
-        log(INFO, "DP round %s (secure sum): %d update(s), %d clipped; epsilon = %.4g "
-            "(delta = %g)", server_round, num_clients, num_clipped, self.epsilon, self.delta)
+        log(INFO, "DP round %s (secure sum): %d update(s), %d clipped; epsilon = %s "
+            "(delta = %g)", server_round, num_clients, num_clipped, self.epsilons, self.delta)
         return self.inner.to_record(new_global), metrics_out
 
     def skip_secure_round(self, server_round: int) -> MetricRecord:
@@ -339,9 +345,9 @@ class DPNoise(Strategy):
         a round whose cohort depended on who was sampled."""
         self._next_start = None  # this round's presampled noise is never used
         self.rounds_done += 1
-        self.epsilon = self._epsilon_after(self.rounds_done)
-        log(INFO, "DP round %s (secure sum): skipped, nothing released; epsilon = %.4g "
-            "(delta = %g)", server_round, self.epsilon, self.delta)
-        return MetricRecord({"num-clients": 0, "epsilon": self.epsilon, "delta": self.delta,
+        self._account()
+        log(INFO, "DP round %s (secure sum): skipped, nothing released; epsilon = %s "
+            "(delta = %g)", server_round, self.epsilons, self.delta)
+        return MetricRecord({"num-clients": 0, **self.epsilons.metrics(), "delta": self.delta,
                              "clip-norm": self.clip_norm,
                              "noise-multiplier": self.noise_multiplier})
