@@ -151,10 +151,15 @@ class DPNoise(Strategy):
         """Reasons for the replies dropped in the last aggregated round."""
         return self.inner.last_dropped
 
+    def _epsilons_after(self, rounds: int) -> Epsilon:
+        return epsilons(self.noise_multiplier, self.sample_rate, rounds, self.delta)
+
+    def _epsilon_after(self, rounds: int) -> float:
+        return self._epsilons_after(rounds).value
+
     def _account(self) -> None:
         """Epsilon after the rounds done, from the RDP and the PLD accountants."""
-        self.epsilons = epsilons(self.noise_multiplier, self.sample_rate, self.rounds_done,
-                                 self.delta)
+        self.epsilons = self._epsilons_after(self.rounds_done)
         self.epsilon = self.epsilons.value
 
     def configure_train(
