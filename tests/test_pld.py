@@ -42,9 +42,10 @@ def configure(strategy: DPNoise, model: dict[str, np.ndarray], server_round: int
 
 # docs/privacy.md's "Privacy and accuracy on a large population": (sigma, q, releases, delta).
 # Central rows: 500 clients, q = 0.1, 50 rounds, delta = 1/(10 N). Local DP: sigma / 2 per
-# release, q = 1, 13 releases (the most any client had there). DP-SGD: q = 4/8, 10 steps a round.
-DOCS_SETTINGS = [(0.7, 0.1, 50, 2e-4), (1.0, 0.1, 50, 2e-4), (0.05, 1.0, 13, 1e-5),
-                 (0.5, 1.0, 13, 1e-5), (1.0, 0.5, 130, 1e-5)]
+# release, q = 1, 15 releases (the most any client had there). DP-SGD: q = 4/8, 10 steps a round.
+# The hospitals preset: sigma = 0.3, 5 clients, q = 1, 20 rounds, delta = 1/50.
+DOCS_SETTINGS = [(0.7, 0.1, 50, 2e-4), (1.0, 0.1, 50, 2e-4), (0.05, 1.0, 15, 1e-5),
+                 (0.5, 1.0, 15, 1e-5), (1.0, 0.5, 150, 1e-5), (0.3, 1.0, 20, 0.02)]
 
 
 @pytest.mark.parametrize(("sigma", "q", "rounds", "delta"), DOCS_SETTINGS)
