@@ -45,7 +45,9 @@ NUM_STEPS = "num-steps"
 TRAIN_LOSS = "train_loss"
 # Client-side privacy: each client reports its own epsilon, which only grows. A mean over a
 # round's clients hides the worst one, so the server records the largest seen as <key>_max.
-CLIENT_EPSILONS = ("local_epsilon", "dpsgd_epsilon")
+# `<kind>_epsilon` is the tighter of the RDP and PLD accountants', both reported beside it.
+CLIENT_EPSILONS = ("local_epsilon", "dpsgd_epsilon", "local_epsilon_rdp", "local_epsilon_pld",
+                   "dpsgd_epsilon_rdp", "dpsgd_epsilon_pld")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from fl_app.exchange import exchange, expire_with_round, is_flower_simulation, p
 from fl_app.models import get_weights, num_parameters, set_weights
 from fl_app.privacy.accounting import PrivacyBudgetExhausted
 from fl_app.privacy.central import DPNoise
+from fl_app.privacy.noise_warning import noise_warning
 from fl_app.records import from_array_record, to_array_record
 from fl_app.run_files import open_private, private_folder, private_umask, write_private
 from fl_app.strategies import NotEnoughClientsError, SampledStrategy
@@ -99,6 +100,8 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
         "server on %s", type(strategy).__name__, type(model).__name__, num_parameters(model),
         cfg.dataset.name, cfg.partitioner._target_.rsplit(".", 1)[-1], cfg.num_clients,
         cfg.num_rounds, on)
+    if warning := noise_warning(cfg, num_parameters(model)):  # needs the model's size
+        log(WARNING, "%s", warning)
 
     def central_eval(arrays: dict[str, np.ndarray]) -> tuple[float, float]:
         set_weights(model, arrays)

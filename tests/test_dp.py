@@ -15,7 +15,12 @@ from strategy_helpers import (
     unpack,
 )
 
-from fl_app.privacy.accounting import PrivacyBudgetExhausted, epsilon_spent, rounds_within_budget
+from fl_app.privacy.accounting import (
+    PrivacyBudgetExhausted,
+    epsilon_rdp,
+    epsilon_spent,
+    rounds_within_budget,
+)
 from fl_app.privacy.central import DPNoise
 from fl_app.strategies import GradientAveraging, WeightedFedAvg
 
@@ -248,7 +253,7 @@ def test_epsilon_equals_dp_accounting_called_directly() -> None:
         neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
     for _ in range(rounds):  # one compose per round, as a round-by-round accountant would
         accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)))
-    assert epsilon_spent(sigma, q, rounds, delta) == pytest.approx(
+    assert epsilon_rdp(sigma, q, rounds, delta) == pytest.approx(
         accountant.get_epsilon(delta), rel=1e-9)
 
 
@@ -267,7 +272,7 @@ def test_epsilon_equals_flowers_rdp_accountant_for_poisson_sampling() -> None:
         neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
         sampling_method=SamplingMethod.POISSON))
     accountant.compose(GaussianPrivacyEvent(sigma, cohort, num_clients), count=rounds)
-    assert epsilon_spent(sigma, cohort / num_clients, rounds, delta) == pytest.approx(
+    assert epsilon_rdp(sigma, cohort / num_clients, rounds, delta) == pytest.approx(
         accountant.get_epsilon(delta), rel=1e-9)
 
 

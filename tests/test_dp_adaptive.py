@@ -146,7 +146,8 @@ def test_adaptive_epsilon_equals_dp_accounting_for_the_composed_update_and_count
         dp_event.GaussianDpEvent(strategy.update_noise_multiplier),
         dp_event.GaussianDpEvent(2 * count_stddev)])
     accountant.compose(dp_event.PoissonSampledDpEvent(q, both), rounds)
-    assert metrics["epsilon"] == pytest.approx(accountant.get_epsilon(strategy.delta), rel=1e-9)
+    assert metrics["epsilon-rdp"] == pytest.approx(accountant.get_epsilon(strategy.delta),
+                                                   rel=1e-9)
     assert metrics["epsilon"] == pytest.approx(epsilon_spent(sigma, q, rounds, strategy.delta))
     assert metrics["noise-multiplier"] == sigma
     assert metrics["update-noise-multiplier"] == strategy.update_noise_multiplier > sigma

@@ -72,8 +72,9 @@ def test_local_dp_reply_is_received_plus_noisy_clipped_delta_and_carries_no_loss
     assert "train_loss" in clean_metrics and "train_loss" not in metrics
     # Besides the privacy settings, only the local step count (a function of the example
     # count the reply carries anyway and of the run's config: FedNova needs it).
-    assert set(metrics) == {"local_epsilon", "local_delta", "local_noise_multiplier",
-                            "local_clip_norm", "num-steps"}
+    assert set(metrics) == {"local_epsilon", "local_epsilon_rdp", "local_epsilon_pld",
+                            "local_delta", "local_noise_multiplier", "local_clip_norm",
+                            "num-steps"}
 
 
 def test_local_dp_in_delta_mode_sends_the_noisy_clipped_delta_itself() -> None:
@@ -114,7 +115,7 @@ def test_local_epsilon_is_the_gaussian_mechanism_with_sensitivity_2c_over_the_cl
             neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
         # Any two local datasets give updates up to 2C apart: noise sigma*C is sigma/2 per 2C.
         accountant.compose(dp_event.GaussianDpEvent(sigma / 2), releases)
-        assert local.epsilon() == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+        assert local.epsilons().rdp == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
         epsilons.append(local.epsilon())
     assert epsilons[0] < epsilons[1] < epsilons[2]
     more_noise = LocalDP(1.0, 2 * sigma, delta, num_clients=100)

@@ -7,7 +7,7 @@ clipped updates are summed, Gaussian noise N(0, sigma^2 C^2) is added to every c
 sum, and the sum is divided by the *expected* number of clients m = q * num_clients. Adding or
 removing one client changes the sum by at most C, and the fixed denominator means the number of
 replies itself reveals nothing, so every round is exactly the sampled Gaussian mechanism that
-`accounting.epsilon_spent` accounts for.
+`accounting.epsilons` accounts for (RDP and PLD; the tighter is reported as `epsilon`).
 
 With `clipping="adaptive"` C is not fixed: it follows a target quantile of the update norms
 (Andrew et al. 2019, `adaptive_clipping.py`) from a noised count of unclipped clients that is
@@ -32,8 +32,9 @@ from flwr.serverapp.strategy import Strategy
 from fl_app.messages import DELTA
 from fl_app.privacy import settings
 from fl_app.privacy.accounting import (
+    Epsilon,
     check_budget,
-    epsilon_spent,
+    epsilons,
     update_noise_multiplier,
 )
 from fl_app.privacy.adaptive_clipping import QuantileClipNorm
@@ -108,7 +109,8 @@ class DPNoise(Strategy):
         self.max_epsilon = None if max_epsilon is None else float(max_epsilon)
         self.sample_rate = float(strategy.fraction_train)
         self.rounds_done = 0
-        self.epsilon = 0.0
+        self.epsilon = 0.0  # the tighter of the two accountants' (self.epsilons)
+        self.epsilons = Epsilon(0.0, 0.0)
         # (round, C, global model's id, step a, buffer) of the next release, drawn while the
         # clients train (presample_noise).
         self._next_start: tuple[int, float, int, float | None, dict[str, np.ndarray]] | None = None
@@ -144,7 +146,7 @@ class DPNoise(Strategy):
         self.client_noise = DistributedAccount(
             self.clip_norm, self.noise_multiplier, dims, self.sample_rate, self.delta, modulus,
             max(round(self.expected_clients), 2))
-        self.epsilon = self._epsilon_after(self.rounds_done)
+        self._account()
 
     def know_client_sizes(self, per_node: Mapping[int, int], largest: int | None) -> None:
         """Bound the replies' num-examples (see SampledStrategy); here they weigh only the
@@ -166,10 +168,18 @@ class DPNoise(Strategy):
         """Reasons for the replies dropped in the last aggregated round."""
         return self.inner.last_dropped
 
+    def _epsilons_after(self, rounds: int) -> Epsilon:
+        if self.client_noise is not None:  # Skellam: dp_accounting has no PLD of it
+            return Epsilon.rdp_only(self.client_noise.epsilon(), "distributed Skellam noise")
+        return epsilons(self.noise_multiplier, self.sample_rate, rounds, self.delta)
+
     def _epsilon_after(self, rounds: int) -> float:
-        if self.client_noise is not None:
-            return self.client_noise.epsilon()
-        return epsilon_spent(self.noise_multiplier, self.sample_rate, rounds, self.delta)
+        return self._epsilons_after(rounds).value
+
+    def _account(self) -> None:
+        """Epsilon after the rounds done, from the RDP and the PLD accountants."""
+        self.epsilons = self._epsilons_after(self.rounds_done)
+        self.epsilon = self.epsilons.value
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -223,11 +233,12 @@ class DPNoise(Strategy):
                       else self.inner.commit(total))
 
         self.rounds_done += 1
-        self.epsilon = self._epsilon_after(self.rounds_done)
+        self._account()
         metrics_out = averager.record()
         metrics_out["num-dropped"] = len(self.inner.last_dropped)
         metrics_out["num-clipped"] = num_clipped
-        metrics_out["epsilon"] = self.epsilon
+        for key, value in self.epsilons.metrics().items():
+            metrics_out[key] = value
         metrics_out["delta"] = self.delta
         metrics_out["clip-norm"] = clip
         metrics_out["noise-multiplier"] = self.noise_multiplier
@@ -238,8 +249,8 @@ class DPNoise(Strategy):
             self.clip_norm = self.adaptive_clip.value
             metrics_out["unclipped-fraction"] = fraction  # noised: part of the DP release
             metrics_out["clipped-count-stddev"] = self.adaptive_clip.count_stddev
-        log(INFO, "DP round %s: %d update(s), %d clipped; epsilon = %.4g (delta = %g)",
-            server_round, averager.num_clients, num_clipped, self.epsilon, self.delta)
+        log(INFO, "DP round %s: %d update(s), %d clipped; epsilon = %s (delta = %g)",
+            server_round, averager.num_clients, num_clipped, self.epsilons, self.delta)
         return self.inner.to_record(new_global), metrics_out
 
     def configure_evaluate(
@@ -290,7 +301,7 @@ class DPNoise(Strategy):
             self.adaptive_clip.value = self.clip_norm
         if self.client_noise is not None:
             self.client_noise.load_state(state.get("client_noise_rounds", []))
-        self.epsilon = self._epsilon_after(self.rounds_done)
+        self._account()
         self.inner.load_state_dict(state["inner"])
 
     # ----------------------------------------------------------------------------------------
@@ -366,17 +377,17 @@ class DPNoise(Strategy):
         new_global = (self.inner.apply_update(total) if step is None
                       else self.inner.commit(total))
         self.rounds_done += 1
-        self.epsilon = self._epsilon_after(self.rounds_done)
+        self._account()
         averager = MetricAverager(self.inner.client_epsilon_max)  # client-side DP's worst ε
         averager.add(num_examples, client_metrics)
         metrics_out = MetricRecord({
             **averager.record(), "num-clients": num_clients, "num-clipped": num_clipped,
-            "epsilon": self.epsilon, "delta": self.delta, "clip-norm": self.clip_norm,
+            **self.epsilons.metrics(), "delta": self.delta, "clip-norm": self.clip_norm,
             "noise-multiplier": self.noise_multiplier,
             "update-noise-multiplier": self.update_noise_multiplier,
             **({} if self.client_noise is None else self.client_noise.last_metrics())})
-        log(INFO, "DP round %s (secure sum): %d update(s), %d clipped; epsilon = %.4g "
-            "(delta = %g)", server_round, num_clients, num_clipped, self.epsilon, self.delta)
+        log(INFO, "DP round %s (secure sum): %d update(s), %d clipped; epsilon = %s "
+            "(delta = %g)", server_round, num_clients, num_clipped, self.epsilons, self.delta)
         return self.inner.to_record(new_global), metrics_out
 
     def skip_secure_round(self, server_round: int) -> MetricRecord:
@@ -388,9 +399,9 @@ class DPNoise(Strategy):
         if self.client_noise is not None:
             self.client_noise.record(None)  # counted at the least noise a round can have
         self.rounds_done += 1
-        self.epsilon = self._epsilon_after(self.rounds_done)
-        log(INFO, "DP round %s (secure sum): skipped, nothing released; epsilon = %.4g "
-            "(delta = %g)", server_round, self.epsilon, self.delta)
-        return MetricRecord({"num-clients": 0, "epsilon": self.epsilon, "delta": self.delta,
+        self._account()
+        log(INFO, "DP round %s (secure sum): skipped, nothing released; epsilon = %s "
+            "(delta = %g)", server_round, self.epsilons, self.delta)
+        return MetricRecord({"num-clients": 0, **self.epsilons.metrics(), "delta": self.delta,
                              "clip-norm": self.clip_norm,
                              "noise-multiplier": self.noise_multiplier})

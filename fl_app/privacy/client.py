@@ -12,7 +12,8 @@ Two choices (config group `privacy`), both independent of the server's strategy:
   clipping to `max_grad_norm`, Gaussian noise, Poisson-sampled batches). Its epsilon bounds what
   the client's released models reveal about any one of its training examples.
 
-Each client reports its own epsilon (`local_epsilon` / `dpsgd_epsilon`) with its train metrics;
+Each client reports its own epsilon (`local_epsilon` / `dpsgd_epsilon`: the tighter of the RDP and
+PLD accountants', both beside it as `<key>_rdp` / `<key>_pld`) with its train metrics;
 the state behind it (releases, Opacus' accountant history) survives the ClientApp's client
 cache through `state()` / `load_state()`, which the ClientApp keeps in Flower's Context.state.
 Without secure aggregation example counts are sent as they are (like Opacus, this treats local
@@ -24,11 +25,15 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 from omegaconf import DictConfig
 
 from fl_app.privacy import settings
+
+if TYPE_CHECKING:
+    from fl_app.privacy.accounting import Epsilon
 
 
 class LocalDP:
@@ -64,20 +69,24 @@ class LocalDP:
         self.releases += 1
         return noisy
 
-    def epsilon(self) -> float:
-        """This client's epsilon against the server, after its releases so far.
+    def epsilons(self) -> Epsilon:
+        """This client's epsilon against the server after its releases so far, RDP and PLD.
 
         Replace-one sensitivity is 2C, so the Gaussian mechanism's multiplier is sigma / 2;
         there is no sampling amplification (q = 1): the server knows who took part.
         """
         # Imported here: a deployed ClientApp process starts afresh per message, and the
         # accountant (dp_accounting, the strategies package) costs it about a second.
-        from fl_app.privacy.accounting import epsilon_spent
+        from fl_app.privacy.accounting import epsilons
 
-        return epsilon_spent(self.noise_multiplier / 2, 1.0, self.releases, self.delta)
+        return epsilons(self.noise_multiplier / 2, 1.0, self.releases, self.delta)
+
+    def epsilon(self) -> float:
+        """The tighter of `epsilons()`: what the client reports as its epsilon."""
+        return self.epsilons().value
 
     def metrics(self) -> dict[str, float]:
-        return {"local_epsilon": self.epsilon(), "local_delta": self.delta,
+        return {**self.epsilons().metrics("local_epsilon", "_"), "local_delta": self.delta,
                 "local_noise_multiplier": self.noise_multiplier,
                 "local_clip_norm": self.clip_norm}
 
@@ -118,12 +127,23 @@ class DPSGD:
                 "use a delta well below 1/(the largest client's number of training examples), "
                 "e.g. 1e-6.")
 
+    def epsilons(self) -> Epsilon:
+        """This client's example-level epsilon: Opacus' RDP accountant and dp_accounting's
+        PLD over the same steps (each a Poisson-sampled Gaussian)."""
+        from fl_app.privacy.accounting import Epsilon, pld_epsilon_of_steps
+
+        if not self.history:
+            return Epsilon(0.0, 0.0)
+        pld = pld_epsilon_of_steps(self.history, self.delta)
+        return Epsilon(_opacus_epsilon(tuple(self.history), self.delta), pld,
+                       None if pld is not None else "failed or too slow")
+
     def epsilon(self) -> float:
-        """This client's example-level epsilon, from Opacus' RDP accountant."""
-        return _opacus_epsilon(tuple(self.history), self.delta) if self.history else 0.0
+        """The tighter of `epsilons()`: what the client reports as its epsilon."""
+        return self.epsilons().value
 
     def metrics(self) -> dict[str, float]:
-        return {"dpsgd_epsilon": self.epsilon(), "dpsgd_delta": self.delta,
+        return {**self.epsilons().metrics("dpsgd_epsilon", "_"), "dpsgd_delta": self.delta,
                 "dpsgd_noise_multiplier": self.noise_multiplier,
                 "dpsgd_max_grad_norm": self.max_grad_norm}
 
