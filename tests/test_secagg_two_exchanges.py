@@ -171,3 +171,14 @@ def test_dp_noise_next_cohort_is_its_poisson_draw_and_leaves_budget_and_noise_al
 def test_next_cohort_says_nothing_while_too_few_nodes_are_connected():
     strategy = WeightedFedAvg(fraction_train=1.0, min_train_nodes=4, min_available_nodes=4)
     assert strategy.next_cohort(StageGrid(range(3), None), 2) is None
+
+
+def test_only_strategies_with_next_cohort_declare_plans_cohort():
+    from fl_app.privacy.central import DPNoise
+    from fl_app.strategies import features
+
+    assert features.of(WeightedFedAvg)["plans_cohort"] is True
+    assert features.of(DPNoise)["plans_cohort"] is True
+    assert features.of(FedAvg)["plans_cohort"] is False
+    assert features.of(object)["plans_cohort"] is False
+    assert not hasattr(FedAvg, "next_cohort")
