@@ -182,3 +182,22 @@ def test_only_strategies_with_next_cohort_declare_plans_cohort():
     assert features.of(FedAvg)["plans_cohort"] is False
     assert features.of(object)["plans_cohort"] is False
     assert not hasattr(FedAvg, "next_cohort")
+
+
+@pytest.mark.parametrize("stage", ["collect", "unmask"])
+def test_a_malformed_piggybacked_reply_drops_its_node_from_the_next_round_only(stage):
+    clients = fake_clients(6)
+
+    def strip_next(at, nid, content):
+        if at == stage and nid == 2:
+            del content["secagg-next"]
+
+    grid = StageGrid(range(6), trainer(clients), alter=strip_next)
+    rounds = run_rounds(grid, [list(range(6))] * 2)
+    assert_plain_mean(rounds[0][0], clients, range(6))  # this round keeps node 2
+    assert rounds[1][1] == 2 and rounds[1][0].lost == [2]
+    nodes = [0, 1, 3, 4, 5]
+    for key in ("w", "b"):
+        error = np.abs(rounds[1][0].update_sum[key] / rounds[1][0].weight
+                       - plain_weighted_mean(clients, nodes, key))
+        assert error.max() <= mean_bound(rounds[1][0], clients, nodes)
