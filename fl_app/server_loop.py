@@ -94,6 +94,11 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
         strategy.use_client_pool(cfg.num_clients)
     bound_client_counts(strategy, grid, cfg)
     stop_rule = targets.build("stopping", cfg.stopping)
+    secagg_session = None  # secure aggregation's state across rounds: the next round's keys
+    if cfg.secagg.name != "none":
+        from fl_app.secagg.server import SecAggSession
+
+        secagg_session = SecAggSession()
     with private_umask():  # a logger's own files (TensorBoard's) are the run's too
         round_logger = targets.build("logger", cfg.logger, log_dir=str(out))
     log(INFO, "fl_app: %s, %s (%d parameters), %s, %s partitions x %d clients, %d rounds, "
@@ -125,7 +130,7 @@ def run(grid: Grid, cfg: DictConfig, run_config: dict | None = None) -> dict:
                 break
             t0 = time.time()
             try:
-                weights, row = train_round(grid, strategy, cfg, rnd, weights)
+                weights, row = train_round(grid, strategy, cfg, rnd, weights, secagg_session)
             except PrivacyBudgetExhausted as err:
                 stop_reason = f"privacy_budget: {err}"
                 break
@@ -175,8 +180,10 @@ def run_summary(history: list[dict], stop_reason: str, seconds: float, out: Path
 
 
 def train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
-                weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
-    """One round of federated training: the new global weights and the round's metrics row."""
+                weights: dict[str, np.ndarray], secagg_session: object | None = None
+                ) -> tuple[dict[str, np.ndarray], dict]:
+    """One round of federated training: the new global weights and the round's metrics row.
+    `secagg_session`: secure aggregation's state for the run (fl_app.secagg.server)."""
     ours = isinstance(strategy, (SampledStrategy, DPNoise))
     if not ours:  # Flower's own sampling would wait forever for nodes that are gone
         wait_for_clients(grid, cfg, wanted=getattr(strategy, "min_available_nodes", 1))
@@ -186,7 +193,7 @@ def train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int,
     if cfg.secagg.name != "none":  # the server learns only the sum of the updates
         from fl_app.secagg.round import secure_train_round
 
-        return secure_train_round(grid, strategy, cfg, rnd, messages, weights)
+        return secure_train_round(grid, strategy, cfg, rnd, messages, weights, secagg_session)
     replies = exchange(grid, messages, cfg.round_timeout)
     _fail_if_all_failed(rnd, replies)
     if not ours:  # fl_app's strategies screen replies themselves; Flower's average NaN in

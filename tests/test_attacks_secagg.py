@@ -334,3 +334,117 @@ def test_a_masked_vector_of_the_wrong_dtype_is_a_dropout():
 
     grid = StageGrid(range(5), trainer(clients), alter=altering("collect", {0}, to_float))
     assert_mean_of(run_sum(grid, range(5)), clients, [1, 2, 3, 4])
+
+
+# Issue 25, item 5: two exchanges per round. Round r + 1's setup rides on round r's collect and
+# its share-keys on round r's unmask; each round keeps its own keys, seed and stage order.
+
+def _keyed_ahead(num=5, seed=5):
+    """Round 1 run with a session that keys round 2 for the same nodes: (grid, session,
+    clients); every node's round 1 is at unmask, its round 2 at share-keys."""
+    clients = fake_clients(num, size=50, seed=seed)
+    grid = StageGrid(range(num), trainer(clients))
+    session = server.SecAggSession()
+    reference = {"w": np.zeros(50, np.float32), "b": np.zeros(3, np.float32)}
+    server.secure_sum(1, train_messages(range(num), reference), S, grid.send_and_receive,
+                      None, 60, session=session, next_cohort=list(range(num)))
+    assert session.pending is not None and session.pending.rnd == 2
+    return grid, session, clients
+
+
+def _collect_ahead(session, nid, upcoming=None):
+    """Round 2's collect for node `nid` from the keys agreed ahead, with `upcoming` as the
+    piggybacked record."""
+    r = session.pending
+    srcs = sorted(r.forwards[nid])
+    content = train_messages([nid], {"w": np.zeros(50, np.float32),
+                                     "b": np.zeros(3, np.float32)})[0].content
+    content = RecordDict({**content, **r.request(
+        "collect", srcs=[s for s, _ in srcs], ciphertexts=[c for _, c in srcs], weighted=True)})
+    if upcoming is not None:
+        content[protocol.NEXT] = ConfigRecord(upcoming)
+    return content
+
+
+def _setup_record(rnd, stage="setup"):
+    return {"stage": stage, "round": rnd, **protocol.settings_record(S, 5, 4)}
+
+
+@pytest.mark.parametrize("upcoming", [
+    _setup_record(4), _setup_record(2), _setup_record(1), _setup_record(3, "share-keys"),
+    _setup_record(3, "collect"), _setup_record(3, "unmask")],
+    ids=["setup-of-r+2", "setup-of-r", "setup-of-r-1", "share-keys-on-collect",
+         "collect-ahead", "unmask-ahead"])
+def test_a_piggybacked_stage_that_is_not_the_next_rounds_setup_is_refused_before_training(
+        upcoming):
+    grid, session, _ = _keyed_ahead()
+    before = {k: dict(v) for k, v in grid.contexts[0].state.items()}
+    trained = []
+    with pytest.raises(SecAggError, match="only the next round's setup"):
+        client.answer(_collect_ahead(session, 0, upcoming), grid.contexts[0],
+                      lambda c: trained.append(c))
+    assert trained == []  # refused before training: nothing computed, nothing revealed
+    assert {k: dict(v) for k, v in grid.contexts[0].state.items()} == before
+    # The same collect with round 3's setup is answered: the refusal was the piggyback's.
+    reply = client.answer(_collect_ahead(session, 0, _setup_record(3)), grid.contexts[0],
+                          lambda c: grid.train(0, c))
+    assert {"pk1", "pk2"} <= set(reply[protocol.NEXT])
+
+
+def _sent_to(grid, nid, rnd, stage, record="secagg"):
+    return next(m.content for m in grid.sent if m.metadata.dst_node_id == nid
+                and record in m.content and m.content[record]["stage"] == stage
+                and m.content[record]["round"] == rnd)
+
+
+@pytest.mark.parametrize("replay", ["unmask-with-share-keys", "share-keys-alone",
+                                    "round-1-share-keys"])
+def test_a_replayed_share_keys_is_refused_and_the_keyed_round_still_completes(replay):
+    grid, session, clients = _keyed_ahead()
+    if replay == "round-1-share-keys":
+        message = _sent_to(grid, 0, 1, "share-keys")
+    else:
+        message = _sent_to(grid, 0, 2, "share-keys", protocol.NEXT)
+        if replay == "share-keys-alone":  # its piggybacked share-keys, resent as its own stage
+            message = RecordDict({"secagg": message[protocol.NEXT]})
+    with pytest.raises(SecAggError, match="stale or reordered"):
+        client.answer(message, grid.contexts[0], lambda c: None)
+    result = server.secure_sum(2, train_messages(range(5), {"w": np.zeros(50, np.float32),
+                                                            "b": np.zeros(3, np.float32)}),
+                               S, grid.send_and_receive, None, 60, session=session)
+    assert_mean_of(result, clients, range(5))
+
+
+@pytest.mark.parametrize("reuse_seed", [False, True], ids=["fresh-seeds", "seed-reused"])
+def test_shares_of_b_in_round_r_and_of_sk1_in_round_r_plus_1_give_the_server_garbage(
+        monkeypatch, reuse_seed):
+    """The server asks for node 0's b share in round 1 (it survived) and, across the
+    piggybacked boundary, for its sk1 share in round 2 (a lie: "it dropped"), then unmasks its
+    round-2 vector. Fresh b per round defeats it; a b reused across rounds would not."""
+    if reuse_seed:
+        monkeypatch.setattr(client.os, "urandom", lambda n: b"\x07" * n)
+    grid, session, clients = _keyed_ahead(seed=8)
+    target, r = 0, session.pending
+    b_shares = [bytes(dict(zip(m.content["secagg"]["node-ids"], m.content["secagg"]["shares"],
+                               strict=True))[target])
+                for m in grid.received if "shares" in m.content.get("secagg", {})]
+    masked = {n: m.content["masked"]["vector"].numpy() for n, m in r.send(
+        {n: _collect_ahead(session, n) for n in range(5)}, "collect").items()}
+    asks = {n: r.request("unmask", active=sorted(set(range(5)) - {target}), dead=[target])
+            for n in range(1, 5)}
+    sk1_shares = [bytes(dict(zip(m.content["secagg"]["node-ids"], m.content["secagg"]["shares"],
+                                 strict=True))[target]) for m in r.send(asks, "unmask").values()]
+    assert len(b_shares) == 5 and len(sk1_shares) == 4  # the clients revealed both
+    sk1 = protocol.key_from_scalar(combine_shares(sk1_shares), r.pk1[target])
+    vector = masked[target].copy()
+    vector -= vectors.prg(combine_shares(b_shares), len(vector))
+    for n in range(1, 5):
+        key = generate_shared_key(sk1, bytes_to_public_key(r.pk1[n]))
+        (np.subtract if target > n else np.add)(vector, vectors.prg(key, len(vector)),
+                                                out=vector)
+    _, _, _, _, rebuilt = vectors.decode(vector, 1, 1, S)
+    update, n_examples, _ = clients[target]
+    true = np.concatenate([update["w"], update["b"]]) * round(
+        n_examples / S.max_weight * S.quantization_range) / S.quantization_range
+    error = np.abs(rebuilt - true).max()
+    assert (error < 1e-4) if reuse_seed else (error > 1.0)

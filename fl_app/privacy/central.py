@@ -80,6 +80,7 @@ class DPNoise(Strategy):
     needs_each_update = None
     client_pool = True
     central_dp = True
+    plans_cohort = True
 
     def __init__(
         self,
@@ -196,13 +197,25 @@ class DPNoise(Strategy):
             log(WARNING, "DP: %d clients can be sampled but num_clients = %d; the privacy "
                 "accounting and the noise scale assume %d.", len(candidates), self.num_clients,
                 self.num_clients)
-        chosen = poisson_sample(candidates, self.sample_rate, self.inner.seed, server_round)
+        chosen = self._draw(candidates, server_round)
         log(INFO, "configure_train (DP): Poisson-sampled %d of %d clients (q = %g)",
             len(chosen), len(candidates), self.sample_rate)
         messages = self.inner.build_train_messages(server_round, arrays, config, chosen)
         if self.client_noise is None:  # distributed DP: the server draws no noise at all
             self.presample_noise(server_round)  # while the clients train (below)
         return messages
+
+    def _draw(self, candidates: list[int], server_round: int) -> list[int]:
+        return poisson_sample(candidates, self.sample_rate, self.inner.seed, server_round)
+
+    def next_cohort(self, grid: Grid, server_round: int) -> list[int] | None:
+        """The node ids configure_train will Poisson-sample for round `server_round` (its draw,
+        from the nodes connected now), without sending, waiting, or touching the budget or
+        the noise; None when too few nodes are connected or a client pool serves them."""
+        candidates = self.inner.sampler.connected_now(grid, self.inner.min_available_nodes)
+        if candidates is None:
+            return None
+        return self._draw(candidates, server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -10,10 +10,12 @@
                  dropped, its share of sk1 (never both for one node)
 
 The secrets between stages live in the node's `Context.state` (Flower keeps a node's Context
-for the run: in simulation, in deployment, and in fl-app's in-process engine), one round at a
-time; the stage and round recorded there refuse messages out of order. Key agreement, Shamir
-sharing and authenticated encryption are Flower's (`flwr.common.secure_aggregation`,
-`flwr.supercore.primitives.asymmetric`); the masks are AES-CTR keystreams (`vectors.prg`).
+for the run: in simulation, in deployment, and in fl-app's in-process engine): the round now
+running and, once the server keys the next round ahead (two exchanges per round), that round's
+keys and shares beside it; each has its stage and round, which refuse messages out of order.
+Key agreement, Shamir sharing and authenticated encryption are Flower's
+(`flwr.common.secure_aggregation`, `flwr.supercore.primitives.asymmetric`); the masks are AES-CTR
+keystreams (`vectors.prg`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ from fl_app.secagg.protocol import (
     COLLECT,
     DP_CLIPPED,
     MASKED,
+    NEXT,
+    PIGGYBACK,
     PUBLIC_METRICS,
     REQUEST,
     SEED_BYTES,
@@ -63,39 +67,69 @@ from fl_app.secagg.protocol import (
 )
 from fl_app.secagg.settings import SecAggError, SecAggSettings, plan_problem, settings_problem
 
-STATE = "secagg"  # the node's Context.state entry
+STATE = "secagg"  # the node's Context.state entry: the round now running
+NEXT_STATE = "secagg-next"  # ... and the next round's keys and shares, agreed ahead (NEXT)
 
 Train = Callable[[RecordDict], RecordDict]
 
 
 def answer(content: RecordDict, context: Context, train: Train) -> RecordDict:
     """The reply content to one stage message; `train` answers a plain train message's
-    content (arrays, config) and is called in the collect stage only."""
+    content (arrays, config) and is called in the collect stage only.
+
+    A collect or unmask message may carry the next round's setup or share-keys (NEXT): it is
+    checked before anything is computed, answered in the reply's NEXT record, and its secrets
+    kept apart from this round's (NEXT_STATE), each round with its own strict stage order."""
     request = dict(content[REQUEST])
     stage, node_id = str(request["stage"]), int(context.node_id)
-    state = {} if stage == SETUP or STATE not in context.state else dict(context.state[STATE])
-    if stage == SETUP:
-        reply, state = setup(request)
+    upcoming_request = dict(content[NEXT]) if NEXT in content else None
+    if upcoming_request is not None:
+        _check_piggyback(request, upcoming_request, node_id)
+    current, upcoming = (dict(context.state[key]) if key in context.state else {}
+                         for key in (STATE, NEXT_STATE))
+    if stage == SETUP:  # a cold start: whatever an earlier round left is dropped
+        reply, current, upcoming = *setup(request), {}
     elif stage in _EXPECTED_BEFORE:
-        _check_order(state, request, stage, node_id)
+        if current.get("round") != request.get("round") == upcoming.get("round"):
+            current, upcoming = upcoming, {}  # the round keyed ahead begins; the one before ends
+        _check_order(current, request, stage, node_id)
         if stage == SHARE_KEYS:
-            reply, state = share_keys(state, request, node_id)
+            reply, current = share_keys(current, request, node_id)
         elif stage == COLLECT:
-            return _store(context, *collect(state, request, node_id, content, train))
+            reply, current = collect(current, request, node_id, content, train)
         else:
-            reply, state = unmask(state, request, node_id)
+            reply, current = unmask(current, request, node_id)
     else:
         raise SecAggError(f"Unknown secure aggregation stage {stage!r}: the server runs another "
                           "fl_app version than this SuperNode.")
-    return _store(context, RecordDict({REQUEST: config_record(reply)}), state)
-
-
-def _store(context: Context, reply: RecordDict, state: dict) -> RecordDict:
-    context.state[STATE] = config_record(state)
-    return reply
+    out = reply if isinstance(reply, RecordDict) else RecordDict({REQUEST: config_record(reply)})
+    if upcoming_request is not None:
+        if upcoming_request["stage"] == SETUP:
+            ahead, upcoming = setup(upcoming_request)
+        else:
+            _check_order(upcoming, upcoming_request, SHARE_KEYS, node_id)
+            ahead, upcoming = share_keys(upcoming, upcoming_request, node_id)
+        out[NEXT] = config_record(ahead)
+    # Stored only once every part succeeded: a refused message changes neither round.
+    context.state[STATE] = config_record(current)
+    context.state[NEXT_STATE] = config_record(upcoming)
+    return out
 
 
 _EXPECTED_BEFORE = {SHARE_KEYS: SETUP, COLLECT: SHARE_KEYS, UNMASK: COLLECT}
+
+
+def _check_piggyback(request: dict, upcoming: dict, node_id: int) -> None:
+    """Only round r + 1's setup on round r's collect, and its share-keys on round r's unmask:
+    never a stage that reveals anything (collect, unmask) ahead of its own round."""
+    stage, rnd = request.get("stage"), request.get("round")
+    ahead = upcoming.get("stage")
+    if PIGGYBACK.get(stage) != ahead or not isinstance(rnd, int) or upcoming.get(
+            "round") != rnd + 1:
+        raise SecAggError(
+            f"Node {node_id}: stage {stage!r} of round {rnd} carries stage {ahead!r} of round "
+            f"{upcoming.get('round')}; only the next round's setup (on collect) or share-keys "
+            "(on unmask) may ride along: refusing the message.")
 
 
 def _check_order(state: dict, request: dict, stage: str, node_id: int) -> None:

@@ -19,6 +19,12 @@ MESSAGE_TYPE = f"train.{ACTION}"  # ... answers messages of this type
 SETUP, SHARE_KEYS, COLLECT, UNMASK = "setup", "share-keys", "collect", "unmask"
 STAGES = (SETUP, SHARE_KEYS, COLLECT, UNMASK)
 REQUEST = "secagg"      # the ConfigRecord every stage message (and reply) carries
+# Two exchanges per round in steady state: a collect or unmask message of round r may carry, in
+# this second ConfigRecord, the next round's (r + 1) setup or share-keys stage; its reply
+# answers it in a record of the same name. Only these pairs ride together (collect cannot merge
+# with unmask: round r + 1 trains on round r's unmasked model).
+NEXT = "secagg-next"
+PIGGYBACK = {COLLECT: SETUP, UNMASK: SHARE_KEYS}
 MASKED = "masked"       # the ArrayRecord of a collect reply
 # A share-keys reply's commitment to the private mask seed b: SHA-256(b). It lets the server
 # tell a b rebuilt from an altered share from the real one (b is 120 random bits: the hash

@@ -43,10 +43,10 @@ def usable(rnd: int, stage: str, replies: dict[int, Message],
     return parsed
 
 
-def _record(reply: Message) -> dict:
-    if not reply.has_content() or REQUEST not in reply.content:
-        raise BadReply(f"no {REQUEST!r} record")
-    return dict(reply.content[REQUEST])
+def _record(reply: Message, name: str = REQUEST) -> dict:
+    if not reply.has_content() or name not in reply.content:
+        raise BadReply(f"no {name!r} record")
+    return dict(reply.content[name])
 
 
 def _bytes(value: object, what: str) -> bytes:
@@ -62,9 +62,10 @@ def _int_list(value: object, what: str) -> list[int]:
     return value
 
 
-def setup_keys(reply: Message, nid: int) -> tuple[bytes, bytes]:
-    """(pk1, pk2): two distinct public keys on Flower's curve."""
-    record = _record(reply)
+def setup_keys(reply: Message, nid: int, record_name: str = REQUEST) -> tuple[bytes, bytes]:
+    """(pk1, pk2): two distinct public keys on Flower's curve, from the reply's `record_name`
+    record (NEXT where the setup rode on a collect)."""
+    record = _record(reply, record_name)
     keys = tuple(_bytes(record.get(name), name) for name in ("pk1", "pk2"))
     for name, key in zip(("pk1", "pk2"), keys, strict=True):
         try:
@@ -88,10 +89,11 @@ def without_shared_keys(rnd: int, keys: dict[int, tuple[bytes, bytes]]
     return {nid: pair for nid, pair in keys.items() if nid not in copied}
 
 
-def share_ciphertexts(reply: Message, neighbours: set[int]) -> tuple[dict[int, bytes], bytes]:
+def share_ciphertexts(reply: Message, neighbours: set[int], record_name: str = REQUEST
+                      ) -> tuple[dict[int, bytes], bytes]:
     """({destination: its encrypted shares}, the commitment SHA-256(b)): one ciphertext per
-    destination, every destination one of `neighbours`."""
-    record = _record(reply)
+    destination, every destination one of `neighbours` (from `record_name`, as setup_keys)."""
+    record = _record(reply, record_name)
     dsts = _int_list(record.get("dsts", []), "dsts")
     ciphertexts = record.get("ciphertexts", [])
     if not isinstance(ciphertexts, list) or len(ciphertexts) != len(dsts):

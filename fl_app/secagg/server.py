@@ -1,5 +1,8 @@
 """The server's side of SecAgg+: four stages over the grid, ending in the sum of the round's
-client vectors and nothing else.
+client vectors and nothing else. In steady state a round pays two exchanges, not four: the next
+round's setup rides on this round's collect, its share-keys on this round's unmask
+(`SecAggSession` keeps that round's keys until it starts; docs/privacy.md, "Two exchanges per
+round").
 
     U1 = answered setup (public keys), U2 = answered share-keys (sent encrypted shares),
     U3 = answered collect (a masked vector: its update is in the sum), U4 = answered unmask.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -35,6 +38,7 @@ from fl_app.secagg import replies, vectors
 from fl_app.secagg.protocol import (
     COLLECT,
     MESSAGE_TYPE,
+    NEXT,
     REQUEST,
     SCALAR_BYTES,
     SEED_BYTES,
@@ -72,11 +76,16 @@ def _shamir_length(secret_bytes: int) -> int:
 
 
 class _Round:
-    """One round's protocol state on the server (no client update is ever stored here)."""
+    """One round's protocol state on the server (no client update is ever stored here).
+
+    Its stages are split into the requests it sends and the replies it takes, so that the
+    next round's setup and share-keys can ride in the same exchange as this round's collect
+    and unmask (`secure_sum`)."""
 
     def __init__(self, rnd: int, sampled: list[int], s: SecAggSettings, exchange: Exchange,
                  timeout: float | None, ttl: float) -> None:
         self.rnd, self.s, self.exchange, self.timeout, self.ttl = rnd, s, exchange, timeout, ttl
+        self.cohort = frozenset(sampled)
         try:
             self.shares, self.threshold = share_plan(s, len(sampled))
         except ValueError as err:
@@ -87,8 +96,13 @@ class _Round:
         self.neighbours = {nid: {order[(i + d) % n] for d in range(-half, half + 1)}
                            if self.shares < n else set(order) for i, nid in enumerate(order)}
         self.sent = self.received = 0
+        self.keys: dict[int, tuple[bytes, bytes]] = {}  # U1's (pk1, pk2)
         self.pk1: dict[int, bytes] = {}
         self.seed_hashes: dict[int, bytes] = {}  # SHA-256(b) of each client of U2
+        self.forwards: dict[int, list[tuple[int, bytes]]] = {}  # U2's ciphertexts, by recipient
+        # The record each node's reply answers this round's stage in: NEXT where it rode on
+        # the round before's collect or unmask.
+        self.record: dict[int, str] = {}
 
     def send(self, contents: dict[int, RecordDict], stage: str) -> dict[int, Message]:
         """Send each node its content; the usable replies by node (error replies logged)."""
@@ -133,51 +147,128 @@ class _Round:
                 "model unchanged. Lower secagg.reconstruction_threshold, raise secagg.timeout "
                 "(or round_timeout), or find why clients dropped.")
 
+    # Stage 1: setup (fresh key pairs on every client).
+    def setup_requests(self) -> dict[int, RecordDict]:
+        setup = self.request(SETUP, **settings_record(self.s, self.shares, self.threshold))
+        return dict.fromkeys(self.cohort, setup)
+
+    def take_setup(self, answered: dict[int, Message]) -> None:
+        self.keys = replies.without_shared_keys(self.rnd, replies.usable(
+            self.rnd, SETUP, answered, lambda m, nid: replies.setup_keys(
+                m, nid, self.record.get(nid, REQUEST))))
+        u1 = set(self.keys)
+        self.require(u1, u1, SETUP)
+        self.pk1 = {nid: pk1 for nid, (pk1, _) in self.keys.items()}
+
+    # Stage 2: share keys (each client's encrypted shares, for the server to forward).
+    def share_keys_requests(self) -> dict[int, RecordDict]:
+        u1, contents = set(self.keys), {}
+        for nid in u1:
+            ids = sorted(self.neighbours[nid] & u1)
+            contents[nid] = self.request(SHARE_KEYS, **{"node-ids": ids,
+                                                        "pk1s": [self.keys[i][0] for i in ids],
+                                                        "pk2s": [self.keys[i][1] for i in ids]})
+        return contents
+
+    def take_share_keys(self, answered: dict[int, Message]) -> None:
+        u1 = set(self.keys)
+        shared = replies.usable(self.rnd, SHARE_KEYS, answered,
+                                lambda m, nid: replies.share_ciphertexts(
+                                    m, self.neighbours[nid] & u1 - {nid},
+                                    self.record.get(nid, REQUEST)))
+        u2 = set(shared)
+        self.seed_hashes = {nid: commitment for nid, (_, commitment) in shared.items()}
+        # Two clients mask with each other only if both sent the other its shares: a one-sided
+        # pair (a malformed reply) would leave a pairwise mask in the sum that nothing cancels.
+        self.forwards = {nid: [] for nid in u2}
+        for src, (ciphertexts, _) in shared.items():
+            for dst, ciphertext in ciphertexts.items():
+                if dst in u2 and src in shared[dst][0]:
+                    self.forwards[dst].append((src, ciphertext))
+        self.require(u2, u2, SHARE_KEYS)
+
+
+class SecAggSession:
+    """The server's SecAgg+ state for a run: the next round's keys and shares, agreed during
+    this round's collect and unmask exchanges, which let that round start at its collect."""
+
+    def __init__(self) -> None:
+        self.pending: _Round | None = None
+
+    def take(self, rnd: int, cohort: set[int], s: SecAggSettings, exchange: Exchange,
+             timeout: float | None, ttl: float) -> _Round | None:
+        """The round keyed ahead for `rnd`, if it was keyed for exactly this cohort and these
+        settings; None (a cold start) otherwise. Either way it is used at most once."""
+        ahead, self.pending = self.pending, None
+        if ahead is None or ahead.rnd != rnd or ahead.cohort != cohort or ahead.s != s:
+            return None
+        ahead.exchange, ahead.timeout, ahead.ttl = exchange, timeout, ttl
+        ahead.record = {}
+        return ahead
+
+
+def _ride_along(contents: dict[int, RecordDict], ahead: _Round | None,
+                ahead_contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
+    """`contents` with the next round's stage added: in the NEXT record of a node that gets a
+    message of this round, alone (as a cold stage message) to a node that does not."""
+    if ahead is None:
+        return contents
+    merged = dict(contents)
+    for nid, content in ahead_contents.items():
+        if nid in contents:
+            merged[nid] = RecordDict({**contents[nid], NEXT: content[REQUEST]})
+        else:
+            merged[nid] = content
+        ahead.record[nid] = NEXT if nid in contents else REQUEST
+    return merged
+
+
+def _advance(ahead: _Round | None, stage: Callable[[], None]) -> _Round | None:
+    """`ahead` once `stage` succeeded on it; None (the next round starts cold) if it failed."""
+    if ahead is None:
+        return None
+    try:
+        stage()
+    except SecAggError as err:
+        log(WARNING, "%s: the next round starts with its own setup instead", err)
+        return None
+    return ahead
+
 
 def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, exchange: Exchange,
                timeout: float | None, ttl: float, weighted: bool = True,
-               clip_norm: float = 0.0) -> SecureSum:
+               clip_norm: float = 0.0, session: SecAggSession | None = None,
+               next_cohort: Sequence[int] | None = None) -> SecureSum:
     """Run SecAgg+ over the clients `train_messages` go to; return the sum of their vectors.
 
     Each client trains on its train message's content (arrays, config) in the collect stage.
     `weighted`: weights num_examples / max_weight (else 1 each); `clip_norm` > 0: each client
     clips its update to it first (central DP). Every reply is checked (`replies`): a malformed
-    one is a dropout."""
+    one is a dropout.
+
+    With a `session` whose round was keyed ahead for exactly this cohort, the round starts at
+    its collect: two exchanges instead of four. `next_cohort` (with a session): the nodes the
+    next round will sample; its setup rides on this round's collect exchange and its
+    share-keys on the unmask exchange."""
     by_node = {m.metadata.dst_node_id: m for m in train_messages}
-    r = _Round(rnd, list(by_node), s, exchange, timeout, ttl)
-    log(INFO, "[round %d] secagg: %d clients, %d shares per secret, threshold %d", rnd,
-        len(by_node), r.shares, r.threshold)
-    # Stage 1: setup.
-    setup = r.request(SETUP, **settings_record(s, r.shares, r.threshold))
-    keys = replies.without_shared_keys(rnd, replies.usable(
-        rnd, SETUP, r.send(dict.fromkeys(by_node, setup), SETUP), replies.setup_keys))
-    u1 = set(keys)
-    r.require(u1, u1, SETUP)
-    r.pk1 = {nid: pk1 for nid, (pk1, _) in keys.items()}
-    # Stage 2: share keys.
-    contents = {}
-    for nid in u1:
-        ids = sorted(r.neighbours[nid] & u1)
-        contents[nid] = r.request(SHARE_KEYS, **{"node-ids": ids,
-                                                    "pk1s": [keys[i][0] for i in ids],
-                                                    "pk2s": [keys[i][1] for i in ids]})
-    shared = replies.usable(rnd, SHARE_KEYS, r.send(contents, SHARE_KEYS),
-                            lambda m, nid: replies.share_ciphertexts(
-                                m, r.neighbours[nid] & u1 - {nid}))
-    u2 = set(shared)
-    r.seed_hashes = {nid: commitment for nid, (_, commitment) in shared.items()}
-    # Two clients mask with each other only if both sent the other its shares: a one-sided
-    # pair (a malformed reply) would leave a pairwise mask in the sum that nothing cancels.
-    forwards: dict[int, list[tuple[int, bytes]]] = {nid: [] for nid in u2}
-    for src, (ciphertexts, _) in shared.items():
-        for dst, ciphertext in ciphertexts.items():
-            if dst in u2 and src in shared[dst][0]:
-                forwards[dst].append((src, ciphertext))
-    r.require(u2, u2, SHARE_KEYS)
-    # Stage 3: collect masked vectors (the clients train here).
+    r = session.take(rnd, set(by_node), s, exchange, timeout, ttl) if session else None
+    if r is None:
+        r = _Round(rnd, list(by_node), s, exchange, timeout, ttl)
+        r.take_setup(r.send(r.setup_requests(), SETUP))
+        r.take_share_keys(r.send(r.share_keys_requests(), SHARE_KEYS))
+    log(INFO, "[round %d] secagg: %d clients, %d shares per secret, threshold %d%s", rnd,
+        len(by_node), r.shares, r.threshold, "" if r.sent else " (keyed in the round before)")
+    ahead = None
+    if session is not None and next_cohort:
+        try:
+            ahead = _Round(rnd + 1, list(next_cohort), s, exchange, timeout, ttl)
+        except SecAggError as err:
+            log(WARNING, "%s: the next round starts with its own setup", err)
+    # Stage 3: collect masked vectors (the clients train here); the next round's setup rides.
+    u2 = set(r.forwards)
     contents, partners = {}, {}
     for nid in u2:
-        srcs = sorted(forwards[nid])
+        srcs = sorted(r.forwards[nid])
         partners[nid] = {src for src, _ in srcs}
         train = by_node[nid].content
         contents[nid] = RecordDict({"arrays": train["arrays"], "config": train["config"],
@@ -187,7 +278,10 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
     reference = by_node[next(iter(u2))].content["arrays"]
     shapes = {k: tuple(reference[k].shape) for k in reference}
     dims = sum(int(np.prod(shape)) for shape in shapes.values())
-    collected = replies.usable(rnd, COLLECT, r.send(contents, COLLECT),
+    answered = r.send(_ride_along(contents, ahead, ahead.setup_requests() if ahead else {}),
+                      COLLECT)
+    ahead = _advance(ahead, lambda: ahead.take_setup(_of(answered, ahead.cohort)))
+    collected = replies.usable(rnd, COLLECT, _of(answered, contents),
                                lambda m, nid: replies.masked_vector(
                                    m, lambda num_metrics: vectors.HEADER + num_metrics + dims))
     total, names, clear, u3 = None, None, {}, set()
@@ -202,7 +296,7 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
             clear[key] = max(clear.get(key, value), value)
         u3.add(nid)
     r.require(u3, u3, COLLECT)
-    # Stage 4: unmask.
+    # Stage 4: unmask; the next round's share-keys rides.
     contents = {nid: r.request(UNMASK, active=sorted((partners[nid] | {nid}) & u3),
                                dead=sorted(partners[nid] - u3)) for nid in u3}
     seed_shares: dict[int, list[bytes]] = {nid: [] for nid in u3}
@@ -214,7 +308,12 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
         return replies.unmask_shares(reply, nid, active, dead, lambda owner: _shamir_length(
             SEED_BYTES if owner in active else SCALAR_BYTES))
 
-    revealed = replies.usable(rnd, UNMASK, r.send(contents, UNMASK), check_shares)
+    answered = r.send(_ride_along(contents, ahead, ahead.share_keys_requests() if ahead else {}),
+                      UNMASK)
+    ahead = _advance(ahead, lambda: ahead.take_share_keys(_of(answered, ahead.keys)))
+    if session is not None:
+        session.pending = ahead
+    revealed = replies.usable(rnd, UNMASK, _of(answered, contents), check_shares)
     for shares in revealed.values():
         for owner, share in shares:
             (seed_shares if owner in seed_shares else sk1_shares)[owner].append(share)
@@ -234,6 +333,11 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
     return SecureSum(weight, examples, clipped, dict(zip(names, metric_values.tolist(),
                                                          strict=True)),
                      update, len(u3), clear, sorted(set(by_node) - u3), r.sent, r.received)
+
+
+def _of(answered: dict[int, Message], nodes: Iterable[int]) -> dict[int, Message]:
+    """The replies of `nodes` among `answered`."""
+    return {nid: answered[nid] for nid in nodes if nid in answered}
 
 
 def _unmask(r: _Round, total: np.ndarray, seed_shares: dict[int, list[bytes]],

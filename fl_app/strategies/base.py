@@ -12,8 +12,8 @@ The strategy keeps the current global model itself (`self.current`), because Fed
 reply with gradients and `aggregate_train` is not handed the global model.
 
 A subclass says, as class attributes, what its clients send (`mode`, one of
-`messages.REPLY_KINDS`) and what it supports (`needs_each_update`, `client_pool`, `central_dp`; see
-features.py, which the config checks ask); and, as methods, what an update is
+`messages.REPLY_KINDS`) and what it supports (`needs_each_update`, `client_pool`, `central_dp`,
+`plans_cohort`; see features.py, which the config checks ask); and, as methods, what an update is
 (`update_offset`, what DP clips), how an averaged update becomes the new model
 (`apply_update`, `update_step`) and what a checkpoint must keep (`state_dict`).
 """
@@ -66,6 +66,8 @@ class SampledStrategy(FedAvg):
     client_pool: bool = True
     # Whether it adds central DP noise (only fl_app.privacy.central.DPNoise does).
     central_dp: bool = False
+    # Whether `next_cohort` says ahead whom a round's configure_train will sample.
+    plans_cohort: bool = True
     # Reply metrics (fl_app.messages) it reads, each a positive number in every usable reply.
     required_metrics: tuple[str, ...] = ()
 
@@ -190,6 +192,20 @@ class SampledStrategy(FedAvg):
         if fraction == 0.0:
             return None
         return self.sampler.sample(grid, server_round, fraction, min_nodes, stream)
+
+    def next_cohort(self, grid: Grid, server_round: int) -> list[int] | None:
+        """The node ids `configure_train` will send round `server_round`'s training to, drawn
+        now (the same draw, from the nodes connected now) without sending or waiting; None
+        when it cannot say (training off, too few nodes connected, a client pool). Secure
+        aggregation keys that round ahead with it."""
+        if self.fraction_train == 0.0:
+            return None
+        candidates = self.sampler.connected_now(
+            grid, max(self.sampler.min_available_nodes, self.min_train_nodes))
+        if candidates is None:
+            return None
+        return self.sampler.draw(candidates, server_round, self.fraction_train,
+                                 self.min_train_nodes)
 
     def know_client_sizes(self, per_node: Mapping[int, int], largest: int | None) -> None:
         """Bound each reply's num-examples by the examples its client really has, where the

@@ -6,7 +6,9 @@ fl_app's strategies say it themselves, as class attributes (base.SampledStrategy
 - `needs_each_update`: why it needs each client's own update, or None when the weighted mean of
   the replies is all it uses (then secure aggregation, which reveals only their sum, serves it);
 - `client_pool`: whether it samples clients itself, so a pool of nodes can serve a population;
-- `central_dp`: whether it adds central DP noise (fl_app.privacy.central.DPNoise).
+- `central_dp`: whether it adds central DP noise (fl_app.privacy.central.DPNoise);
+- `plans_cohort`: whether its `next_cohort(grid, round)` says whom that round's configure_train
+  will sample, ahead and without sending anything (secure aggregation keys the round ahead).
 Flower's built-in strategies cannot carry fl_app's attributes; `FLOWER` lists them by class.
 A strategy of neither kind gets `UNKNOWN`: the safe answer to every question.
 """
@@ -20,9 +22,10 @@ from flwr.serverapp import strategy as flower
 
 from fl_app.messages import WEIGHTS
 
-FEATURES = ("mode", "needs_each_update", "client_pool", "central_dp")
+FEATURES = ("mode", "needs_each_update", "client_pool", "central_dp", "plans_cohort")
 
-_MEAN = {"mode": WEIGHTS, "needs_each_update": None, "client_pool": False, "central_dp": False}
+_MEAN = {"mode": WEIGHTS, "needs_each_update": None, "client_pool": False, "central_dp": False,
+         "plans_cohort": False}
 
 
 def _needs(why: str) -> dict:

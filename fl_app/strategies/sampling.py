@@ -98,6 +98,12 @@ class NodeSampler:
         order in which the grid lists them does not matter.
         """
         candidates = self.candidates(grid, max(self.min_available_nodes, min_nodes))
+        return self.draw(candidates, server_round, fraction, min_nodes, stream)
+
+    def draw(self, candidates: list[int], server_round: int, fraction: float, min_nodes: int,
+             stream: int = TRAIN_STREAM) -> list[int]:
+        """`sample`'s draw from `candidates` (sorted): a function of (seed, round, stream,
+        candidates) alone, so the next round's sample can be known ahead (`connected_now`)."""
         size = min(max(int(len(candidates) * fraction), min_nodes), len(candidates))
         entropy = [self.seed, server_round]
         if stream != TRAIN_STREAM:
@@ -105,6 +111,15 @@ class NodeSampler:
         rng = np.random.default_rng(entropy)
         chosen = rng.choice(len(candidates), size=size, replace=False)
         return sorted(candidates[i] for i in chosen)
+
+    def connected_now(self, grid: Grid, required: int) -> list[int] | None:
+        """The sorted connected node ids if at least `required` are connected now, else None:
+        `candidates` without waiting, for knowing a later round's sample ahead. None with a
+        client pool too (several of its clients share a node)."""
+        if self.population is not None:
+            return None
+        node_ids = sorted(grid.get_node_ids())
+        return node_ids if len(node_ids) >= required else None
 
 
 def poisson_sample(candidates: list[int], rate: float, seed: int, server_round: int) -> list[int]:
