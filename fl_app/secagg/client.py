@@ -48,15 +48,20 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from fl_app.privacy import distributed
 from fl_app.secagg import vectors
 from fl_app.secagg.protocol import (
+    COHORT,
     COLLECT,
     DP_CLIPPED,
     MASKED,
     NEXT,
+    NOISE_FLOOR,
+    NOISE_MULTIPLIER,
     PIGGYBACK,
     PUBLIC_METRICS,
     REQUEST,
+    ROTATION_SEED,
     SEED_BYTES,
     SEED_HASH,
     SETTINGS,
@@ -96,7 +101,8 @@ def answer(content: RecordDict, context: Context, train: Train) -> RecordDict:
         if stage == SHARE_KEYS:
             reply, current = share_keys(current, request, node_id)
         elif stage == COLLECT:
-            reply, current = collect(current, request, node_id, content, train)
+            reply, current = collect(current, request, node_id, content, train,
+                                     _noise_floor(context, node_id))
         else:
             reply, current = unmask(current, request, node_id)
     else:
@@ -246,9 +252,18 @@ def _open_shares(state: dict, request: dict, node_id: int) -> tuple[list[int], l
 
 
 def collect(state: dict, request: dict, node_id: int, content: RecordDict,
-            train: Train) -> tuple[RecordDict, dict]:
-    """Train, then reply with the masked vector (and the metric names and clear metrics)."""
+            train: Train, noise_floor: float | None = None) -> tuple[RecordDict, dict]:
+    """Train, then reply with the masked vector (and the metric names and clear metrics).
+
+    `noise_floor` (the node's own `min-noise-multiplier`): refuse to send an update unless it
+    carries distributed DP noise of at least that multiplier."""
     s = SecAggSettings.from_config(state)
+    if noise_floor is not None and not float(request.get(NOISE_MULTIPLIER, 0.0)) >= noise_floor:
+        raise SecAggError(
+            f"Node {node_id}: this node sends updates only with distributed DP noise of "
+            f"noise_multiplier >= {noise_floor:g} (its node config min-noise-multiplier), and "
+            f"the server asks for {request.get(NOISE_MULTIPLIER, 'none (the server would see '
+            'the exact sum)')}: refusing before training.")
     srcs, seed_shares, sk1_shares = _open_shares(state, request, node_id)
     if len(srcs) + 1 < int(state["reconstruction_threshold"]):
         raise SecAggError(f"Node {node_id}: shares came from {len(srcs)} neighbours, below "
@@ -260,7 +275,11 @@ def collect(state: dict, request: dict, node_id: int, content: RecordDict,
     update = [arrays[k].numpy() for k in received]  # the server's array order
     if not all(np.isfinite(a).all() for a in update):  # it would corrupt the sum unseen
         raise SecAggError(f"Node {node_id}: the local update holds NaN or Inf; not sending it.")
-    if float(request.get("clip-norm", 0.0)) > 0:  # central DP: the server cannot clip
+    integers = None
+    if NOISE_MULTIPLIER in request:  # distributed DP: this client adds its share of the noise
+        integers, scaled = noise_share(update, request, state, node_id, s)
+        metrics[DP_CLIPPED] = float(scaled)
+    elif float(request.get("clip-norm", 0.0)) > 0:  # central DP: the server cannot clip
         update, scaled = clip_for_dp(update, float(request["clip-norm"]), s)
         metrics[DP_CLIPPED] = float(scaled)  # summed: the round's count of clipped updates
     ratio = num_examples / s.max_weight if request.get("weighted", True) else 1.0
@@ -276,7 +295,8 @@ def collect(state: dict, request: dict, node_id: int, content: RecordDict,
     if bad := [k for k in names if not math.isfinite(float(metrics[k]))]:
         raise SecAggError(f"Node {node_id}: the training metric(s) {bad} are NaN or Inf; "
                           "masked, they would corrupt the round's mean unseen: not sending.")
-    vector = vectors.encode(update, [float(metrics[k]) for k in names], ratio, num_examples, s)
+    vector = vectors.encode(update, [float(metrics[k]) for k in names], ratio, num_examples, s,
+                            integers)
     sk1 = bytes_to_private_key(state["sk1"])
     ids, pk1s = list(state.get("node-ids", [])), list(state.get("pk1s", []))
     pairwise = [(generate_shared_key(sk1, bytes_to_public_key(pk1s[ids.index(src)])),
@@ -292,6 +312,44 @@ def collect(state: dict, request: dict, node_id: int, content: RecordDict,
                       REQUEST: config_record({"metric-names": names}),
                       "metrics": MetricRecord(clear)})
     return out, state
+
+
+def noise_share(update: list[np.ndarray], request: dict, state: dict, node_id: int,
+                s: SecAggSettings) -> tuple[np.ndarray, bool]:
+    """This client's update clipped, scaled, rotated, rounded and noised with its share of the
+    Skellam noise (fl_app.privacy.distributed), as integers mod modulus_range; and whether
+    clipping scaled it. The parameters are derived here from the round's settings, with the
+    threshold of this node's own checked setup: the server sends none of the derived values,
+    and nothing of the noise's randomness (it comes from this machine's OS entropy)."""
+    seed = request.get(ROTATION_SEED)
+    if not isinstance(seed, bytes) or len(seed) < 16:
+        raise SecAggError(f"Node {node_id}: the distributed DP request has no 16-byte rotation "
+                          "seed: refusing it.")
+    try:
+        params = distributed.calibrate(
+            float(request["clip-norm"]), float(request[NOISE_MULTIPLIER]),
+            sum(a.size for a in update), int(state["reconstruction_threshold"]),
+            int(request[COHORT]), s.modulus_range)
+    except (KeyError, TypeError, ValueError) as err:
+        raise SecAggError(f"Node {node_id}: refusing the server's distributed DP request: "
+                          f"{err}") from None
+    rng = np.random.default_rng(int.from_bytes(os.urandom(32), "big"))
+    return distributed.client_encode(update, params, seed, rng)
+
+
+def _noise_floor(context: Context, node_id: int) -> float | None:
+    """The node operator's least noise multiplier (node config `min-noise-multiplier`)."""
+    value = context.node_config.get(NOISE_FLOOR)
+    if value is None:
+        return None
+    try:
+        floor = float(value)
+    except (TypeError, ValueError):
+        floor = math.nan
+    if not floor > 0 or not math.isfinite(floor):
+        raise SecAggError(f"Node {node_id}: node config {NOISE_FLOOR}={value!r} must be a "
+                          "positive number (the least DP noise multiplier this node accepts).")
+    return floor
 
 
 def clip_for_dp(update: list[np.ndarray], clip_norm: float, s: SecAggSettings

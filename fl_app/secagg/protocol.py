@@ -44,6 +44,14 @@ SEED_BYTES = 15
 # Shamir-shared of sk1 (private_scalar).
 SCALAR_BYTES = (ec.SECP384R1.key_size + 7) // 8
 DP_CLIPPED = "secagg-dp-clipped"  # a metric: 1 if central DP's clipping scaled the update
+# A collect request's distributed DP settings (secagg.noise=distributed): each client adds its
+# share of the noise (fl_app.privacy.distributed) and derives the rest itself.
+NOISE_MULTIPLIER = "noise-multiplier"  # z: the noise of t survivors has std z * Delta_2
+COHORT = "cohort"                # clients that may be in the sum (sizes the scale: no wrap)
+ROTATION_SEED = "rotation-seed"  # fresh public randomness of the round's rotation
+# A SuperNode's own floor (--node-config "min-noise-multiplier=1.0"): below it, or without
+# distributed noise, the node refuses to send its update.
+NOISE_FLOOR = "min-noise-multiplier"
 SETTINGS = ("num_shares", "reconstruction_threshold", "clipping_range", "quantization_range",
              "modulus_range", "max_weight")
 

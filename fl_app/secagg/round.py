@@ -60,13 +60,15 @@ def secure_train_round(grid: Grid, strategy: Strategy, cfg: DictConfig, rnd: int
         rnd, messages, s, lambda m, t: exchange(grid, m, t), timeout, cfg.round_timeout,
         weighted=dp is None and getattr(strategy, "weighted", True),
         clip_norm=dp.clip_norm if dp is not None else 0.0, session=session,
-        next_cohort=next_cohort(grid, strategy, cfg, rnd, s) if session is not None else None)
+        next_cohort=next_cohort(grid, strategy, cfg, rnd, s) if session is not None else None,
+        noise_multiplier=(dp.noise_multiplier if dp is not None and s.noise == "distributed"
+                          else None))
     if dp is not None:
         averages = result_metrics(result)
         num_clipped = round(averages.pop(DP_CLIPPED, 0.0) * result.weight)
         new, metrics = dp.release_secure_sum(rnd, result.update_sum, result.num_clients,
                                              result.num_examples, num_clipped,
-                                             MetricRecord(averages))
+                                             MetricRecord(averages), noised=result.noise)
     elif result.num_clients < getattr(strategy, "min_train_nodes", 0):
         log(WARNING, "[round %d] only %d of %d sampled clients are in the secure sum, below "
             "min_clients=%d: global model unchanged", rnd, result.num_clients, len(messages),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,12 +35,17 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from fl_app.exchange import payload_bytes
+from fl_app.privacy import distributed
+from fl_app.privacy.distributed import ClientNoise
 from fl_app.secagg import replies, vectors
 from fl_app.secagg.protocol import (
+    COHORT,
     COLLECT,
     MESSAGE_TYPE,
     NEXT,
+    NOISE_MULTIPLIER,
     REQUEST,
+    ROTATION_SEED,
     SCALAR_BYTES,
     SEED_BYTES,
     SETUP,
@@ -68,6 +74,7 @@ class SecureSum:
     lost: list[int] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
+    noise: ClientNoise | None = None  # distributed DP: who noised the sum, and for what t
 
 
 def _shamir_length(secret_bytes: int) -> int:
@@ -238,13 +245,16 @@ def _advance(ahead: _Round | None, stage: Callable[[], None]) -> _Round | None:
 def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, exchange: Exchange,
                timeout: float | None, ttl: float, weighted: bool = True,
                clip_norm: float = 0.0, session: SecAggSession | None = None,
-               next_cohort: Sequence[int] | None = None) -> SecureSum:
+               next_cohort: Sequence[int] | None = None,
+               noise_multiplier: float | None = None) -> SecureSum:
     """Run SecAgg+ over the clients `train_messages` go to; return the sum of their vectors.
 
     Each client trains on its train message's content (arrays, config) in the collect stage.
     `weighted`: weights num_examples / max_weight (else 1 each); `clip_norm` > 0: each client
     clips its update to it first (central DP). Every reply is checked (`replies`): a malformed
-    one is a dropout.
+    one is a dropout. `noise_multiplier` (with clip_norm; secagg.noise=distributed): each
+    client also adds its share of the noise (fl_app.privacy.distributed), so that the sum
+    unmasked here is already private; the server then never holds an un-noised sum.
 
     With a `session` whose round was keyed ahead for exactly this cohort, the round starts at
     its collect: two exchanges instead of four. `next_cohort` (with a session): the nodes the
@@ -266,6 +276,18 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
             log(WARNING, "%s: the next round starts with its own setup", err)
     # Stage 3: collect masked vectors (the clients train here); the next round's setup rides.
     u2 = set(r.forwards)
+    reference = by_node[next(iter(u2))].content["arrays"]
+    shapes = {k: tuple(reference[k].shape) for k in reference}
+    dims = sum(int(np.prod(shape)) for shape in shapes.values())
+    noise, dp_request = None, {}
+    if noise_multiplier is not None:  # the clients derive the same parameters from these
+        dp_request = {NOISE_MULTIPLIER: float(noise_multiplier), COHORT: len(u2),
+                      ROTATION_SEED: os.urandom(32)}
+        try:
+            noise = distributed.calibrate(clip_norm, noise_multiplier, dims, r.threshold,
+                                          len(u2), s.modulus_range)
+        except ValueError as err:
+            raise SecAggError(f"[round {rnd}] {err}") from None
     contents, partners = {}, {}
     for nid in u2:
         srcs = sorted(r.forwards[nid])
@@ -274,16 +296,15 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
         contents[nid] = RecordDict({"arrays": train["arrays"], "config": train["config"],
                                     **r.request(COLLECT, srcs=[i for i, _ in srcs],
                                                 ciphertexts=[c for _, c in srcs],
-                                                weighted=weighted, **{"clip-norm": clip_norm})})
-    reference = by_node[next(iter(u2))].content["arrays"]
-    shapes = {k: tuple(reference[k].shape) for k in reference}
-    dims = sum(int(np.prod(shape)) for shape in shapes.values())
+                                                weighted=weighted, **{"clip-norm": clip_norm},
+                                                **dp_request)})
+    length = dims if noise is None else noise.padded_dims  # of a vector's update part
     answered = r.send(_ride_along(contents, ahead, ahead.setup_requests() if ahead else {}),
                       COLLECT)
     ahead = _advance(ahead, lambda: ahead.take_setup(_of(answered, ahead.cohort)))
     collected = replies.usable(rnd, COLLECT, _of(answered, contents),
                                lambda m, nid: replies.masked_vector(
-                                   m, lambda num_metrics: vectors.HEADER + num_metrics + dims))
+                                   m, lambda num_metrics: vectors.HEADER + num_metrics + length))
     total, names, clear, u3 = None, None, {}, set()
     for nid, (vector, reply_names, public) in collected.items():
         if names is not None and reply_names != names:
@@ -320,8 +341,11 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
     u4 = set(revealed)
     r.require(u4, u3 | (u2 - u3), UNMASK)
     total = _unmask(r, total, seed_shares, sk1_shares, partners)
-    weight, examples, clipped, metric_values, flat = vectors.decode(total, len(u3), len(names), s)
+    weight, examples, clipped, metric_values, flat = vectors.decode(
+        total, len(u3), len(names), s, integers=noise is not None)
     del total
+    if noise is not None:  # the clients' noise is in it: un-rotate and rescale only
+        flat = distributed.server_decode(flat, noise, dp_request[ROTATION_SEED])
     update, start = {}, 0
     for key, shape in shapes.items():
         size = int(np.prod(shape))
@@ -332,7 +356,9 @@ def secure_sum(rnd: int, train_messages: list[Message], s: SecAggSettings, excha
             "clipped: raise secagg.clipping_range", rnd, clipped, s.clipping_range)
     return SecureSum(weight, examples, clipped, dict(zip(names, metric_values.tolist(),
                                                          strict=True)),
-                     update, len(u3), clear, sorted(set(by_node) - u3), r.sent, r.received)
+                     update, len(u3), clear, sorted(set(by_node) - u3), r.sent, r.received,
+                     None if noise is None else ClientNoise(tuple(sorted(u3)), r.threshold,
+                                                            len(u2)))
 
 
 def _of(answered: dict[int, Message], nodes: Iterable[int]) -> dict[int, Message]:
