@@ -60,10 +60,46 @@ ROWS = {
     "local_hi": ("local DP, more noise",
                  ["strategy=fedavg", "privacy=local", "privacy.clip_norm=1.0",
                   "privacy.noise_multiplier=1.0"]),
+    # At the same epsilon as dp_fedavg_hi: main() picks the noise multiplier (MATCH below).
+    "secagg_distributed": ("distributed DP in SecAgg+ (clients add Skellam noise)",
+                           ["strategy=dp_fedavg", "strategy.clip_norm=1.0", "secagg=secaggplus",
+                            "secagg.noise=distributed"]),
     "dpsgd": ("DP-SGD in every client (Opacus)",
               ["strategy=fedavg", "privacy=dpsgd", "privacy.max_grad_norm=1.0",
                "privacy.noise_multiplier=1.0"]),
 }
+
+# Rows whose noise multiplier is chosen so that their expected epsilon after the run equals
+# another row's: distributed DP's noise is calibrated to the threshold t of survivors, so
+# with every sampled client surviving it adds n/t times the target variance, and only
+# matching epsilon compares like with like.
+MATCH = {"secagg_distributed": "dp_fedavg_hi"}
+
+
+def matching_noise_multiplier(cfg: DictConfig, target: float) -> float:
+    """The noise multiplier whose distributed-DP epsilon after cfg.num_rounds rounds, every
+    round holding the expected cohort q*N, all surviving, is `target`."""
+    from fl_app.privacy.distributed import ClientNoise, DistributedAccount
+    from fl_app.secagg.settings import SecAggSettings, share_plan
+
+    torch.manual_seed(cfg.seed)
+    dims = sum(a.size for a in get_weights(instantiate(cfg.model)).values())
+    cohort = round(cfg.fraction_train * cfg.num_clients)
+    _, threshold = share_plan(SecAggSettings.from_config(cfg.secagg), cohort)
+    delta = cfg.strategy.delta or 1 / (10 * cfg.num_clients)
+
+    def epsilon(z: float) -> float:
+        account = DistributedAccount(cfg.strategy.clip_norm, z, dims, cfg.fraction_train,
+                                     delta, int(cfg.secagg.modulus_range), cohort)
+        for _ in range(cfg.num_rounds):
+            account.record(ClientNoise(tuple(range(cohort)), threshold, cohort))
+        return account.epsilon()
+
+    low, high = 0.1, 10.0
+    for _ in range(30):
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if epsilon(mid) > target else (low, mid)
+    return high
 
 
 class InProcessGrid:
@@ -150,6 +186,9 @@ def run(cfg: DictConfig, log_every: int = 10) -> dict:
 
 def epsilon_cell(final: dict) -> str:
     """The row's epsilon, saying whose it is and at which delta."""
+    if "train_epsilon-vs-server" in final:
+        return (f"{final['train_epsilon']:.2f} (δ = {final['train_delta']:.0e}), user-level; "
+                f"vs. the server {final['train_epsilon-vs-server']:.3g}")
     if "train_epsilon" in final:
         return f"{final['train_epsilon']:.2f} (δ = {final['train_delta']:.0e}), user-level, central"
     if "train_local_epsilon_max" in final:
@@ -204,11 +243,20 @@ def main() -> None:
                        f"num_clients={args.clients}", f"fraction_train={args.fraction}"])
         with open_dict(cfg):
             cfg.num_clients = args.clients
+        if name in MATCH:
+            target = results[MATCH[name]]["final_epsilon"] if MATCH[name] in results else None
+            if target is None:
+                raise SystemExit(f"{name} matches {MATCH[name]}'s epsilon: run both "
+                                 f"(--only {MATCH[name]},{name})")
+            cfg.strategy.noise_multiplier = matching_noise_multiplier(cfg, target)
+            print(f"  noise multiplier {cfg.strategy.noise_multiplier:.4f} for epsilon "
+                  f"{target:.4g}", flush=True)
         print(f"{name}: {label}", flush=True)
         outcome = run(cfg)
         final = outcome["history"][-1] if outcome["history"] else {}
         results[name] = {"label": label, "overrides": [*COMMON, *overrides], **outcome,
-                         "epsilon": epsilon_cell(final), "settings": settings_cell(cfg, final)}
+                         "epsilon": epsilon_cell(final), "settings": settings_cell(cfg, final),
+                         "final_epsilon": final.get("train_epsilon")}
         (out / "results.json").write_text(json.dumps(results, indent=1))
 
     cfg = compose(COMMON)

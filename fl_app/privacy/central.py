@@ -417,4 +417,6 @@ class DPNoise(Strategy):
             "(delta = %g)", server_round, self.epsilons, self.delta)
         return MetricRecord({"num-clients": 0, **self.epsilons.metrics(), "delta": self.delta,
                              "clip-norm": self.clip_norm,
-                             "noise-multiplier": self.noise_multiplier})
+                             "noise-multiplier": self.noise_multiplier,
+                             **({} if self.client_noise is None
+                                else self.client_noise.last_metrics())})

@@ -48,6 +48,7 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from fl_app.messages import NUM_STEPS
 from fl_app.privacy import distributed
 from fl_app.secagg import vectors
 from fl_app.secagg.protocol import (
@@ -258,12 +259,12 @@ def collect(state: dict, request: dict, node_id: int, content: RecordDict,
     `noise_floor` (the node's own `min-noise-multiplier`): refuse to send an update unless it
     carries distributed DP noise of at least that multiplier."""
     s = SecAggSettings.from_config(state)
-    if noise_floor is not None and not float(request.get(NOISE_MULTIPLIER, 0.0)) >= noise_floor:
+    asked = request.get(NOISE_MULTIPLIER)
+    if noise_floor is not None and not (isinstance(asked, float) and asked >= noise_floor):
         raise SecAggError(
             f"Node {node_id}: this node sends updates only with distributed DP noise of "
-            f"noise_multiplier >= {noise_floor:g} (its node config min-noise-multiplier), and "
-            f"the server asks for {request.get(NOISE_MULTIPLIER, 'none (the server would see '
-            'the exact sum)')}: refusing before training.")
+            f"noise_multiplier >= {noise_floor:g} (its node config {NOISE_FLOOR}), and the "
+            f"server asks for {'none' if asked is None else asked}: refusing before training.")
     srcs, seed_shares, sk1_shares = _open_shares(state, request, node_id)
     if len(srcs) + 1 < int(state["reconstruction_threshold"]):
         raise SecAggError(f"Node {node_id}: shares came from {len(srcs)} neighbours, below "
@@ -289,6 +290,9 @@ def collect(state: dict, request: dict, node_id: int, content: RecordDict,
         raise SecAggError(f"Node {node_id}: this client's example count exceeds secagg."
                           f"max_weight={s.max_weight:g}: raise max_weight above the largest "
                           "client (the count is in the client's log).")
+    # FedNova's step count: secure aggregation cannot serve FedNova (it needs each client's
+    # steps), and a count of steps would overflow the metrics' clipping range.
+    metrics.pop(NUM_STEPS, None)
     clear = {k: v for k, v in metrics.items() if k in PUBLIC_METRICS}
     names = sorted(k for k, v in metrics.items() if k not in clear
                    and isinstance(v, int | float) and not isinstance(v, bool))
