@@ -167,6 +167,9 @@ def run(cfg: DictConfig, log_every: int = 10) -> dict:
     model = instantiate(cfg.model)
     test = load_dataset(cfg.dataset)
     weights = get_weights(model)
+    if cfg.secagg.get("noise") == "distributed":  # as server_loop.run sets it up
+        strategy.add_noise_on_clients(sum(a.size for a in weights.values()),
+                                      int(cfg.secagg.modulus_range))
     history, stop_reason, started = [], "num_rounds", time.time()
     for rnd in range(1, cfg.num_rounds + 1):
         try:

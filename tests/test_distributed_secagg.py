@@ -140,6 +140,12 @@ def test_a_distributed_release_without_the_clients_noise_is_refused():
         dp.release_secure_sum(1, {"w": np.ones(SIZE)}, 3, 150, 0, MetricRecord({}))
     with pytest.raises(RuntimeError, match="only secure sums"):
         dp.aggregate_train(1, [])
+    central = DPNoise(WeightedFedAvg(fraction_train=0.5, seed=0), clip_norm=CLIP,
+                      noise_multiplier=SIGMA, num_clients=12)
+    central.inner.set_current({"w": np.zeros(SIZE, np.float32)})
+    with pytest.raises(ValueError, match="add_noise_on_clients"):  # it would noise it twice
+        central.release_secure_sum(1, {"w": np.ones(SIZE)}, 3, 150, 0, MetricRecord({}),
+                                   noised=distributed.ClientNoise((0, 1, 2), 2, 3))
 
 
 def test_a_node_with_a_noise_floor_refuses_a_server_that_asks_for_less_or_for_none():

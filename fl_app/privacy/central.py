@@ -375,6 +375,10 @@ class DPNoise(Strategy):
         if self.adaptive_clip is not None:
             raise ValueError("Adaptive clipping needs each update's norm, which secure "
                              "aggregation hides: use clipping=fixed.")
+        if noised is not None and self.client_noise is None:
+            raise ValueError("a secure sum the clients noised (secagg.noise=distributed) "
+                             "reached a strategy that adds its own noise: call "
+                             "add_noise_on_clients first (server_loop.run does).")
         if self.client_noise is not None:
             if noised is None and clipped_sum is not None:
                 raise ValueError("distributed DP: a secure sum arrived without the clients' "
