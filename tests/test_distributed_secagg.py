@@ -20,7 +20,6 @@ from fl_app.privacy import distributed
 from fl_app.privacy.accounting import PrivacyBudgetExhausted
 from fl_app.privacy.central import DPNoise
 from fl_app.privacy.noise import GaussianNoise
-from fl_app.records import from_array_record
 from fl_app.secagg import client, protocol, server, vectors
 from fl_app.secagg.settings import SecAggError, SecAggSettings
 from fl_app.strategies import WeightedFedAvg
