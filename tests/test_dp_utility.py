@@ -30,9 +30,10 @@ def test_utility_script_runs_every_row_and_writes_table_results_and_figure(
     assert all(len(r["history"]) == 1 for r in results.values())
     assert "user-level" in results["dp_fedavg_hi"]["epsilon"]
     assert "example-level" in results["dpsgd"]["epsilon"]
-    assert "vs. the server" in results["secagg_distributed"]["epsilon"]
+    for row in ("secagg_distributed", "secagg_distributed_rdp"):
+        assert "vs. the server" in results[row]["epsilon"]
     assert "per client vs. the server" in results["local_lo"]["epsilon"]
     assert (tmp_path / "dp_utility.png").stat().st_size > 10_000
     table = capsys.readouterr().out
-    assert "| run | test accuracy | ε | settings | time |" in table
+    assert "| run | test accuracy | mean of the last 10 rounds | ε | settings | time |" in table
     assert table.count("(round 1)") == len(script.ROWS)
