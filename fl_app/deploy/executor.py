@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import time
@@ -243,14 +244,15 @@ def _listening(address: str) -> bool:
     return True
 
 
-def _refusal(interrupt: KeyboardInterrupt, args: argparse.Namespace) -> str | None:
+def _refusal(error: BaseException, args: argparse.Namespace) -> str | None:
     """The error to exit with when the SuperNode refused this executor, else None.
 
     Flower's HTTP retry answers a 401 by sending its own process SIGINT, so a refusal arrives
-    as a KeyboardInterrupt raised while handling the 401; without this check a refused
-    executor would exit 0 as if stopped on purpose.
+    as a KeyboardInterrupt raised while handling the 401, or (when the signal comes a moment
+    late, as on a loaded machine) as the 401 itself; without this check a refused executor
+    would exit 0 as if stopped on purpose, or blame the network.
     """
-    cause = interrupt.__context__
+    cause = error if isinstance(error, httpx.HTTPStatusError) else error.__context__
     if not (isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 401):
         return None
     if not cause.request.url.path.endswith("/acquire-task"):
@@ -285,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
         if refusal:
             sys.exit(refusal)
     except httpx.HTTPError as err:
+        if refusal := _refusal(err, args):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Flower's SIGINT may still be on its way
+            sys.exit(refusal)
         sys.exit(f"fl-app-executor: the SuperNode's Runtime API at {args.runtime_api_address} "
                  f"stopped answering ({err}). Is the SuperNode running with --isolation "
                  "process, on that --host and --port?")
