@@ -15,6 +15,10 @@ released every round too. `noise_multiplier` is then the multiplier of the two r
 the one the accountant is given; the update's own noise is raised to
 (sigma^-2 - (2 sigma_b)^-2)^-1/2 so that the pair costs exactly that.
 
+With secure aggregation and `secagg.noise=distributed` (`add_noise_on_clients`) the clients add
+the noise instead, each its share of Skellam noise before masking (fl_app.privacy.distributed):
+this class then draws none, and epsilon follows the clients that survived each round.
+
 The server is trusted (central DP): it sees individual updates; what is protected is everything
 released from it (the global models). The aggregated client metrics it logs (train loss, ...)
 are not noised and are not covered by the guarantee.
